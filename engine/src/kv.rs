@@ -1,0 +1,342 @@
+//! The key-value seam under the metadata state machine and the Raft log.
+//!
+//! Owns: the `KvStore` trait, its RocksDB implementation (`RocksKv`) and its in-memory twin
+//! (`MemKv`), which the simulator uses and which models fsync: writes not synced are lost by
+//! `MemKv::crash`.
+//! Never: interprets keys or values — layouts live in `keys.rs`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use crate::keys::Cf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("stored value under {cf:?} is corrupt: {reason}")]
+    Corrupt { cf: Cf, reason: String },
+}
+
+/// One write in a batch.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+    /// Deletes keys in `[start, end)`.
+    DeleteRange(Cf, Vec<u8>, Vec<u8>),
+}
+
+/// An atomic group of writes.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    pub fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(Op::Put(cf, key, value));
+    }
+    pub fn delete(&mut self, cf: Cf, key: Vec<u8>) {
+        self.ops.push(Op::Delete(cf, key));
+    }
+    pub fn delete_range(&mut self, cf: Cf, start: Vec<u8>, end: Vec<u8>) {
+        self.ops.push(Op::DeleteRange(cf, start, end));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Ordered key-value storage in column families.
+///
+/// To ensure correctness an implementation must: apply a batch atomically (all or nothing,
+/// also across a crash); when `sync` is true, return only after the batch and every batch
+/// written before it are durable; return scans in ascending key order.
+pub trait KvStore: Send + Sync + 'static {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
+    /// Up to `limit` entries with keys `>= start` that begin with `prefix`, ascending.
+    fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError>;
+    /// The last entry whose key begins with `prefix`.
+    fn last(&self, cf: Cf, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, KvError>;
+    fn write(&self, batch: Batch, sync: bool) -> Result<(), KvError>;
+}
+
+/// `KvStore` on RocksDB, one column family per `Cf`.
+pub struct RocksKv {
+    db: rocksdb::DB,
+}
+
+impl RocksKv {
+    pub fn open(path: &Path) -> Result<RocksKv, KvError> {
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_max_background_jobs(2);
+        let cfs: Vec<rocksdb::ColumnFamilyDescriptor> = Cf::ALL
+            .iter()
+            .map(|cf| {
+                let mut o = rocksdb::Options::default();
+                o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+                rocksdb::ColumnFamilyDescriptor::new(cf.name(), o)
+            })
+            .collect();
+        let db = rocksdb::DB::open_cf_descriptors(&opts, path, cfs)?;
+        Ok(RocksKv { db })
+    }
+
+    fn handle(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(cf.name())
+            .expect("every Cf is created at open")
+    }
+}
+
+fn next_prefix(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut p = prefix.to_vec();
+    while let Some(last) = p.pop() {
+        if last < 0xff {
+            p.push(last + 1);
+            return Some(p);
+        }
+    }
+    None
+}
+
+impl KvStore for RocksKv {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.db.get_cf(self.handle(cf), key)?)
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+        let from = if start > prefix { start } else { prefix };
+        let mut ro = rocksdb::ReadOptions::default();
+        if let Some(end) = next_prefix(prefix) {
+            ro.set_iterate_upper_bound(end);
+        }
+        let iter = self.db.iterator_cf_opt(
+            self.handle(cf),
+            ro,
+            rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn last(&self, cf: Cf, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, KvError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_lower_bound(prefix.to_vec());
+        let mode = match next_prefix(prefix) {
+            Some(end) => {
+                ro.set_iterate_upper_bound(end);
+                rocksdb::IteratorMode::End
+            }
+            None => rocksdb::IteratorMode::End,
+        };
+        let mut iter = self.db.iterator_cf_opt(self.handle(cf), ro, mode);
+        match iter.next() {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok(k.starts_with(prefix).then(|| (k.to_vec(), v.to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn write(&self, batch: Batch, sync: bool) -> Result<(), KvError> {
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in batch.ops {
+            match op {
+                Op::Put(cf, k, v) => wb.put_cf(self.handle(cf), k, v),
+                Op::Delete(cf, k) => wb.delete_cf(self.handle(cf), k),
+                Op::DeleteRange(cf, s, e) => wb.delete_range_cf(self.handle(cf), s, e),
+            }
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(wb, &wo)?;
+        Ok(())
+    }
+}
+
+type MemMap = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
+
+/// In-memory `KvStore`. Keeps the durable image (what survives a crash) apart from the live
+/// one: a synced write makes the live image durable.
+#[derive(Default)]
+pub struct MemKv {
+    inner: Mutex<MemInner>,
+}
+
+#[derive(Default)]
+struct MemInner {
+    live: MemMap,
+    durable: MemMap,
+}
+
+impl MemKv {
+    pub fn new() -> MemKv {
+        MemKv::default()
+    }
+
+    /// Simulated crash: every write not yet synced is lost.
+    pub fn crash(&self) {
+        let mut g = self.inner.lock().expect("memkv lock");
+        g.live = g.durable.clone();
+    }
+}
+
+impl KvStore for MemKv {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        let g = self.inner.lock().expect("memkv lock");
+        Ok(g.live.get(&(cf, key.to_vec())).cloned())
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+        let g = self.inner.lock().expect("memkv lock");
+        let from = if start > prefix { start } else { prefix };
+        Ok(g.live
+            .range((cf, from.to_vec())..)
+            .take_while(|((c, k), _)| *c == cf && k.starts_with(prefix))
+            .take(limit)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn last(&self, cf: Cf, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, KvError> {
+        let g = self.inner.lock().expect("memkv lock");
+        Ok(g.live
+            .range((cf, prefix.to_vec())..)
+            .take_while(|((c, k), _)| *c == cf && k.starts_with(prefix))
+            .last()
+            .map(|((_, k), v)| (k.clone(), v.clone())))
+    }
+
+    fn write(&self, batch: Batch, sync: bool) -> Result<(), KvError> {
+        let mut g = self.inner.lock().expect("memkv lock");
+        for op in batch.ops {
+            match op {
+                Op::Put(cf, k, v) => {
+                    g.live.insert((cf, k), v);
+                }
+                Op::Delete(cf, k) => {
+                    g.live.remove(&(cf, k));
+                }
+                Op::DeleteRange(cf, s, e) => {
+                    let keys: Vec<_> = g
+                        .live
+                        .range((cf, s)..(cf, e))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in keys {
+                        g.live.remove(&k);
+                    }
+                }
+            }
+        }
+        if sync {
+            g.durable = g.live.clone();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One conformance suite, run by every implementation.
+    fn suite(kv: &dyn KvStore) {
+        let mut b = Batch::default();
+        for k in ["a/1", "a/2", "a/3", "b/1", "a0"] {
+            b.put(Cf::Tags, k.as_bytes().to_vec(), k.as_bytes().to_vec());
+        }
+        b.put(Cf::Blobs, b"a/1".to_vec(), b"other-cf".to_vec());
+        kv.write(b, true).unwrap();
+        assert_eq!(kv.get(Cf::Tags, b"a/2").unwrap().unwrap(), b"a/2");
+        assert_eq!(kv.get(Cf::Blobs, b"a/1").unwrap().unwrap(), b"other-cf");
+        let s = kv.scan(Cf::Tags, b"a/", b"", 10).unwrap();
+        let keys: Vec<_> = s.iter().map(|(k, _)| k.as_slice()).collect();
+        assert_eq!(keys, vec![&b"a/1"[..], b"a/2", b"a/3"]);
+        let s = kv.scan(Cf::Tags, b"a/", b"a/2", 1).unwrap();
+        assert_eq!(s[0].0, b"a/2");
+        assert_eq!(s.len(), 1);
+        assert_eq!(kv.last(Cf::Tags, b"a/").unwrap().unwrap().0, b"a/3");
+        assert!(kv.last(Cf::Tags, b"c/").unwrap().is_none());
+        let mut b = Batch::default();
+        b.delete(Cf::Tags, b"a/1".to_vec());
+        b.delete_range(Cf::Tags, b"a/2".to_vec(), b"a/3".to_vec());
+        kv.write(b, false).unwrap();
+        let s = kv.scan(Cf::Tags, b"a/", b"", 10).unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].0, b"a/3");
+    }
+
+    #[test]
+    fn rocks_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        suite(&RocksKv::open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn mem_conformance() {
+        suite(&MemKv::new());
+    }
+
+    #[test]
+    fn mem_crash_loses_unsynced_writes() {
+        let kv = MemKv::new();
+        let mut b = Batch::default();
+        b.put(Cf::Tags, b"synced".to_vec(), vec![1]);
+        kv.write(b, true).unwrap();
+        let mut b = Batch::default();
+        b.put(Cf::Tags, b"lost".to_vec(), vec![2]);
+        kv.write(b, false).unwrap();
+        kv.crash();
+        assert!(kv.get(Cf::Tags, b"synced").unwrap().is_some());
+        assert!(kv.get(Cf::Tags, b"lost").unwrap().is_none());
+    }
+
+    #[test]
+    fn rocks_reopen_keeps_synced_data() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let kv = RocksKv::open(dir.path()).unwrap();
+            let mut b = Batch::default();
+            b.put(Cf::Blobs, b"k".to_vec(), b"v".to_vec());
+            kv.write(b, true).unwrap();
+        }
+        let kv = RocksKv::open(dir.path()).unwrap();
+        assert_eq!(kv.get(Cf::Blobs, b"k").unwrap().unwrap(), b"v");
+    }
+}

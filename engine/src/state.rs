@@ -1,0 +1,721 @@
+//! The metadata state machine: commands in, deterministic state out.
+//!
+//! Owns: the `Command` set, applying a command to the stored state (as one `Batch`), and the
+//! read queries over that state (tags, manifests, blob links, catalog, referrers).
+//! Never: reads the clock (times arrive inside commands, stamped by the proposer), performs
+//! I/O other than through `KvStore`, or decides placement.
+//! Invariants: applying the same command sequence to the same state gives the same state;
+//! a tag only ever names a manifest stored in its repository; a stored manifest's blobs
+//! and child manifests are linked in its repository when it is applied.
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::keys::{
+    self, BlobLink, BlobRecord, Cf, ManifestRecord, ReferrerRecord, RepoRecord, TagRecord,
+};
+use crate::kv::{Batch, KvError, KvStore};
+use crate::manifest;
+use crate::name::{AccountId, RepoName, Tag};
+
+/// A change to the region's metadata, replicated through Raft.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A blob is durable on `holders` and linked into `repo`.
+    BlobCommitted {
+        account: AccountId,
+        repo: RepoName,
+        digest: Digest,
+        size_bytes: u64,
+        holders: Vec<u64>,
+        now_ms: u64,
+    },
+    /// Cross-repository mount: link a blob that `from` has into `repo`.
+    BlobMounted {
+        account: AccountId,
+        repo: RepoName,
+        from: RepoName,
+        digest: Digest,
+        now_ms: u64,
+    },
+    BlobUnlinked {
+        account: AccountId,
+        repo: RepoName,
+        digest: Digest,
+    },
+    /// Store a manifest (already validated by the proposer) and optionally move a tag to it.
+    ManifestPut {
+        account: AccountId,
+        repo: RepoName,
+        digest: Digest,
+        media_type: String,
+        bytes: Vec<u8>,
+        tag: Option<Tag>,
+        now_ms: u64,
+    },
+    ManifestDeleted {
+        account: AccountId,
+        repo: RepoName,
+        digest: Digest,
+    },
+    TagDeleted {
+        account: AccountId,
+        repo: RepoName,
+        tag: Tag,
+    },
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::BlobCommitted { .. } => "blob_committed",
+            Command::BlobMounted { .. } => "blob_mounted",
+            Command::BlobUnlinked { .. } => "blob_unlinked",
+            Command::ManifestPut { .. } => "manifest_put",
+            Command::ManifestDeleted { .. } => "manifest_deleted",
+            Command::TagDeleted { .. } => "tag_deleted",
+        }
+    }
+}
+
+/// The outcome of applying a command. Rejections are outcomes, not errors: they are part of
+/// the replicated history and every replica reaches the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Done,
+    BlobUnknown(Digest),
+    ManifestUnknown(Digest),
+    ManifestBlobUnknown(Digest),
+    ManifestInvalid(String),
+    TagUnknown(Tag),
+}
+
+/// Failures to read or write the store — not rejections of a command.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("stored {what} is corrupt: {source}")]
+    Decode {
+        what: &'static str,
+        source: bincode::Error,
+    },
+}
+
+fn dec<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T, StateError> {
+    keys::decode(bytes).map_err(|source| StateError::Decode { what, source })
+}
+
+/// A page of names and whether more follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub names: Vec<String>,
+    pub more: bool,
+}
+
+/// Reads and applies over any `KvStore`.
+pub struct State<'a, S: KvStore + ?Sized> {
+    kv: &'a S,
+}
+
+impl<'a, S: KvStore + ?Sized> State<'a, S> {
+    pub fn new(kv: &'a S) -> Self {
+        State { kv }
+    }
+
+    // ---- reads ----
+
+    pub fn repo_exists(&self, acct: AccountId, repo: &RepoName) -> Result<bool, StateError> {
+        Ok(self
+            .kv
+            .get(Cf::Repos, &keys::repo_key(acct, repo))?
+            .is_some())
+    }
+
+    pub fn blob(&self, digest: &Digest) -> Result<Option<BlobRecord>, StateError> {
+        self.kv
+            .get(Cf::Blobs, digest.to_string().as_bytes())?
+            .map(|v| dec("blob record", &v))
+            .transpose()
+    }
+
+    pub fn blob_link(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<BlobLink>, StateError> {
+        self.kv
+            .get(
+                Cf::RepoBlobs,
+                &keys::repo_item_key(acct, repo, &digest.to_string()),
+            )?
+            .map(|v| dec("blob link", &v))
+            .transpose()
+    }
+
+    pub fn manifest(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>, StateError> {
+        self.kv
+            .get(
+                Cf::Manifests,
+                &keys::repo_item_key(acct, repo, &digest.to_string()),
+            )?
+            .map(|v| dec("manifest", &v))
+            .transpose()
+    }
+
+    pub fn tag(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<TagRecord>, StateError> {
+        self.kv
+            .get(Cf::Tags, &keys::repo_item_key(acct, repo, tag.as_str()))?
+            .map(|v| dec("tag", &v))
+            .transpose()
+    }
+
+    /// Tags of a repository in lexical order, after `last`, at most `n`.
+    pub fn tags(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        last: Option<&str>,
+        n: usize,
+    ) -> Result<Page, StateError> {
+        let prefix = keys::repo_prefix(acct, repo);
+        self.page(Cf::Tags, &prefix, last, n)
+    }
+
+    /// Repositories of an account in lexical order, after `last`, at most `n`.
+    pub fn catalog(
+        &self,
+        acct: AccountId,
+        last: Option<&str>,
+        n: usize,
+    ) -> Result<Page, StateError> {
+        let prefix = keys::account_prefix(acct);
+        self.page(Cf::Repos, &prefix, last, n)
+    }
+
+    fn page(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        last: Option<&str>,
+        n: usize,
+    ) -> Result<Page, StateError> {
+        let mut start = prefix.to_vec();
+        if let Some(last) = last {
+            start.extend_from_slice(last.as_bytes());
+            // The smallest key strictly after `last`.
+            start.push(0);
+        }
+        let rows = self.kv.scan(cf, prefix, &start, n.saturating_add(1))?;
+        let more = rows.len() > n;
+        let names = rows
+            .into_iter()
+            .take(n)
+            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .collect();
+        Ok(Page { names, more })
+    }
+
+    /// Manifests whose subject is `subject`, in digest order, at most `limit`.
+    pub fn referrers(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        subject: &Digest,
+        limit: usize,
+    ) -> Result<Vec<(Digest, ReferrerRecord)>, StateError> {
+        let prefix = keys::referrers_prefix(acct, repo, subject);
+        let rows = self.kv.scan(Cf::Referrers, &prefix, &prefix, limit)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (k, v) in rows {
+            let text = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            let digest = Digest::parse(&text).map_err(|e| StateError::Decode {
+                what: "referrer key",
+                source: Box::new(bincode::ErrorKind::Custom(e.to_string())),
+            })?;
+            out.push((digest, dec("referrer", &v)?));
+        }
+        Ok(out)
+    }
+
+    // ---- apply ----
+
+    /// Applies `cmd`, adding its writes to `batch`. The caller writes the batch (with its own
+    /// bookkeeping, such as the applied log id) atomically before applying the next command,
+    /// so reads here see every earlier command.
+    pub fn apply(&self, cmd: &Command, batch: &mut Batch) -> Result<Outcome, StateError> {
+        match cmd {
+            Command::BlobCommitted {
+                account,
+                repo,
+                digest,
+                size_bytes,
+                holders,
+                now_ms,
+            } => {
+                let mut rec = self.blob(digest)?.unwrap_or(BlobRecord {
+                    size_bytes: *size_bytes,
+                    holders: Vec::new(),
+                    committed_ms: *now_ms,
+                    links: 0,
+                });
+                assert!(
+                    rec.size_bytes == *size_bytes,
+                    "blob {digest} committed with size {size_bytes}, stored size {}",
+                    rec.size_bytes
+                );
+                for h in holders {
+                    if !rec.holders.contains(h) {
+                        rec.holders.push(*h);
+                    }
+                }
+                rec.holders.sort_unstable();
+                self.link(*account, repo, digest, &mut rec, *now_ms, batch)?;
+                batch.put(
+                    Cf::Blobs,
+                    digest.to_string().into_bytes(),
+                    keys::encode(&rec),
+                );
+                Ok(Outcome::Done)
+            }
+            Command::BlobMounted {
+                account,
+                repo,
+                from,
+                digest,
+                now_ms,
+            } => {
+                if self.blob_link(*account, from, digest)?.is_none() {
+                    return Ok(Outcome::BlobUnknown(digest.clone()));
+                }
+                let Some(mut rec) = self.blob(digest)? else {
+                    return Ok(Outcome::BlobUnknown(digest.clone()));
+                };
+                self.link(*account, repo, digest, &mut rec, *now_ms, batch)?;
+                batch.put(
+                    Cf::Blobs,
+                    digest.to_string().into_bytes(),
+                    keys::encode(&rec),
+                );
+                Ok(Outcome::Done)
+            }
+            Command::BlobUnlinked {
+                account,
+                repo,
+                digest,
+            } => {
+                if self.blob_link(*account, repo, digest)?.is_none() {
+                    return Ok(Outcome::BlobUnknown(digest.clone()));
+                }
+                batch.delete(
+                    Cf::RepoBlobs,
+                    keys::repo_item_key(*account, repo, &digest.to_string()),
+                );
+                if let Some(mut rec) = self.blob(digest)? {
+                    rec.links = rec.links.saturating_sub(1);
+                    batch.put(
+                        Cf::Blobs,
+                        digest.to_string().into_bytes(),
+                        keys::encode(&rec),
+                    );
+                }
+                Ok(Outcome::Done)
+            }
+            Command::ManifestPut {
+                account,
+                repo,
+                digest,
+                media_type,
+                bytes,
+                tag,
+                now_ms,
+            } => self.apply_manifest_put(
+                *account,
+                repo,
+                digest,
+                media_type,
+                bytes,
+                tag.as_ref(),
+                *now_ms,
+                batch,
+            ),
+            Command::ManifestDeleted {
+                account,
+                repo,
+                digest,
+            } => {
+                let Some(m) = self.manifest(*account, repo, digest)? else {
+                    return Ok(Outcome::ManifestUnknown(digest.clone()));
+                };
+                batch.delete(
+                    Cf::Manifests,
+                    keys::repo_item_key(*account, repo, &digest.to_string()),
+                );
+                if let Some(subject) = &m.subject {
+                    batch.delete(
+                        Cf::Referrers,
+                        keys::referrer_key(*account, repo, subject, digest),
+                    );
+                }
+                // Tags pointing at it go with it (bounded by the repository's tag count,
+                // which `list_page_entries_max`-sized pages walk).
+                let prefix = keys::repo_prefix(*account, repo);
+                let mut start = prefix.clone();
+                loop {
+                    let rows = self.kv.scan(Cf::Tags, &prefix, &start, 1024)?;
+                    let Some((last_key, _)) = rows.last() else {
+                        break;
+                    };
+                    let mut next = last_key.clone();
+                    next.push(0);
+                    for (k, v) in &rows {
+                        let t: TagRecord = dec("tag", v)?;
+                        if &t.digest == digest {
+                            batch.delete(Cf::Tags, k.clone());
+                        }
+                    }
+                    if rows.len() < 1024 {
+                        break;
+                    }
+                    start = next;
+                }
+                Ok(Outcome::Done)
+            }
+            Command::TagDeleted { account, repo, tag } => {
+                if self.tag(*account, repo, tag)?.is_none() {
+                    return Ok(Outcome::TagUnknown(tag.clone()));
+                }
+                batch.delete(Cf::Tags, keys::repo_item_key(*account, repo, tag.as_str()));
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    fn link(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+        rec: &mut BlobRecord,
+        now_ms: u64,
+        batch: &mut Batch,
+    ) -> Result<(), StateError> {
+        self.ensure_repo(acct, repo, now_ms, batch)?;
+        if self.blob_link(acct, repo, digest)?.is_none() {
+            rec.links += 1;
+            batch.put(
+                Cf::RepoBlobs,
+                keys::repo_item_key(acct, repo, &digest.to_string()),
+                keys::encode(&BlobLink {
+                    size_bytes: rec.size_bytes,
+                    linked_ms: now_ms,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    fn ensure_repo(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        now_ms: u64,
+        batch: &mut Batch,
+    ) -> Result<(), StateError> {
+        if !self.repo_exists(acct, repo)? {
+            batch.put(
+                Cf::Repos,
+                keys::repo_key(acct, repo),
+                keys::encode(&RepoRecord { created_ms: now_ms }),
+            );
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_manifest_put(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+        media_type: &str,
+        bytes: &[u8],
+        tag: Option<&Tag>,
+        now_ms: u64,
+        batch: &mut Batch,
+    ) -> Result<Outcome, StateError> {
+        // Validated by the proposer; parsed again because apply must stand on its own input.
+        let parsed = match manifest::parse(bytes, media_type, u64::MAX) {
+            Ok(p) => p,
+            Err(e) => return Ok(Outcome::ManifestInvalid(e.to_string())),
+        };
+        for d in parsed.required_blobs() {
+            if self.blob_link(acct, repo, d)?.is_none() {
+                return Ok(Outcome::ManifestBlobUnknown(d.clone()));
+            }
+        }
+        for d in parsed.required_manifests() {
+            if self.manifest(acct, repo, d)?.is_none() {
+                return Ok(Outcome::ManifestBlobUnknown(d.clone()));
+            }
+        }
+        self.ensure_repo(acct, repo, now_ms, batch)?;
+        let subject = parsed.subject.as_ref().map(|s| s.digest.clone());
+        if let Some(subject) = &subject {
+            batch.put(
+                Cf::Referrers,
+                keys::referrer_key(acct, repo, subject, digest),
+                keys::encode(&ReferrerRecord {
+                    media_type: parsed.media_type().to_string(),
+                    size_bytes: bytes.len() as u64,
+                    artifact_type: parsed.effective_artifact_type().map(str::to_string),
+                    annotations: parsed.annotations.clone(),
+                }),
+            );
+        }
+        let existing = self.manifest(acct, repo, digest)?;
+        let pushed_ms = existing.as_ref().map_or(now_ms, |m| m.pushed_ms);
+        batch.put(
+            Cf::Manifests,
+            keys::repo_item_key(acct, repo, &digest.to_string()),
+            keys::encode(&ManifestRecord {
+                media_type: parsed.media_type().to_string(),
+                bytes: bytes.to_vec(),
+                subject,
+                pushed_ms,
+            }),
+        );
+        if let Some(tag) = tag {
+            batch.put(
+                Cf::Tags,
+                keys::repo_item_key(acct, repo, tag.as_str()),
+                keys::encode(&TagRecord {
+                    digest: digest.clone(),
+                    updated_ms: now_ms,
+                }),
+            );
+        }
+        Ok(Outcome::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{MemKv, RocksKv};
+    use crate::media;
+
+    fn apply(kv: &dyn KvStore, cmd: Command) -> Outcome {
+        let mut b = Batch::default();
+        let out = State::new(kv).apply(&cmd, &mut b).unwrap();
+        kv.write(b, true).unwrap();
+        out
+    }
+
+    fn repo(s: &str) -> RepoName {
+        RepoName::parse(s).unwrap()
+    }
+
+    fn commit_blob(kv: &dyn KvStore, r: &str, bytes: &[u8]) -> Digest {
+        let digest = Digest::sha256_of(bytes);
+        let out = apply(
+            kv,
+            Command::BlobCommitted {
+                account: AccountId::DEFAULT,
+                repo: repo(r),
+                digest: digest.clone(),
+                size_bytes: bytes.len() as u64,
+                holders: vec![1],
+                now_ms: 1,
+            },
+        );
+        assert_eq!(out, Outcome::Done);
+        digest
+    }
+
+    fn image_manifest(config: &Digest, layer: &Digest, subject: Option<&Digest>) -> Vec<u8> {
+        let subject = subject
+            .map(|s| {
+                format!(
+                    r#","subject":{{"mediaType":"{}","digest":"{s}","size":1}}"#,
+                    media::OCI_MANIFEST
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":3}}]{subject}}}"#,
+            media::OCI_MANIFEST
+        )
+        .into_bytes()
+    }
+
+    fn put(kv: &dyn KvStore, r: &str, bytes: &[u8], tag: Option<&str>) -> (Digest, Outcome) {
+        let digest = Digest::sha256_of(bytes);
+        let out = apply(
+            kv,
+            Command::ManifestPut {
+                account: AccountId::DEFAULT,
+                repo: repo(r),
+                digest: digest.clone(),
+                media_type: media::OCI_MANIFEST.into(),
+                bytes: bytes.to_vec(),
+                tag: tag.map(|t| Tag::parse(t).unwrap()),
+                now_ms: 2,
+            },
+        );
+        (digest, out)
+    }
+
+    fn suite(kv: &dyn KvStore) {
+        let st = State::new(kv);
+        let a = AccountId::DEFAULT;
+        let c = commit_blob(kv, "app", b"{}");
+        let l = commit_blob(kv, "app", b"abc");
+        assert!(st.blob_link(a, &repo("app"), &c).unwrap().is_some());
+        assert!(st.blob_link(a, &repo("other"), &c).unwrap().is_none());
+
+        // A manifest whose blobs are missing is rejected and leaves no trace.
+        let missing = Digest::sha256_of(b"missing");
+        let (d, out) = put(kv, "app", &image_manifest(&c, &missing, None), Some("v0"));
+        assert_eq!(out, Outcome::ManifestBlobUnknown(missing));
+        assert!(st.manifest(a, &repo("app"), &d).unwrap().is_none());
+        assert!(st
+            .tag(a, &repo("app"), &Tag::parse("v0").unwrap())
+            .unwrap()
+            .is_none());
+
+        let body = image_manifest(&c, &l, None);
+        let (d, out) = put(kv, "app", &body, Some("v1"));
+        assert_eq!(out, Outcome::Done);
+        assert_eq!(
+            st.manifest(a, &repo("app"), &d).unwrap().unwrap().bytes,
+            body
+        );
+        let t = st
+            .tag(a, &repo("app"), &Tag::parse("v1").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.digest, d);
+
+        // Tags page in lexical order.
+        for t in ["v2", "v3", "a"] {
+            assert_eq!(put(kv, "app", &body, Some(t)).1, Outcome::Done);
+        }
+        let p = st.tags(a, &repo("app"), None, 2).unwrap();
+        assert_eq!(p.names, vec!["a", "v1"]);
+        assert!(p.more);
+        let p = st.tags(a, &repo("app"), Some("v1"), 10).unwrap();
+        assert_eq!(p.names, vec!["v2", "v3"]);
+        assert!(!p.more);
+        assert_eq!(st.tags(a, &repo("app"), None, 0).unwrap().names.len(), 0);
+
+        // Repositories `app` and `app/x` do not bleed into each other.
+        commit_blob(kv, "app/x", b"abc");
+        let p = st.catalog(a, None, 10).unwrap();
+        assert_eq!(p.names, vec!["app", "app/x"]);
+        assert!(st
+            .tags(a, &repo("app/x"), None, 10)
+            .unwrap()
+            .names
+            .is_empty());
+
+        // Referrers.
+        let (r, out) = put(kv, "app", &image_manifest(&c, &l, Some(&d)), None);
+        assert_eq!(out, Outcome::Done);
+        let refs = st.referrers(a, &repo("app"), &d, 10).unwrap();
+        assert_eq!(refs.len(), 1);
+        assert_eq!(refs[0].0, r);
+
+        // Mount.
+        let mount = |from: &str, to: &str, digest: &Digest| {
+            apply(
+                kv,
+                Command::BlobMounted {
+                    account: a,
+                    repo: repo(to),
+                    from: repo(from),
+                    digest: digest.clone(),
+                    now_ms: 3,
+                },
+            )
+        };
+        assert_eq!(mount("app", "copy", &l), Outcome::Done);
+        assert!(st.blob_link(a, &repo("copy"), &l).unwrap().is_some());
+        assert_eq!(
+            mount("nowhere", "copy", &c),
+            Outcome::BlobUnknown(c.clone())
+        );
+        assert_eq!(st.blob(&l).unwrap().unwrap().links, 3);
+
+        // Deleting the manifest removes its tags and referrer entries.
+        let out = apply(
+            kv,
+            Command::ManifestDeleted {
+                account: a,
+                repo: repo("app"),
+                digest: r.clone(),
+            },
+        );
+        assert_eq!(out, Outcome::Done);
+        assert!(st.referrers(a, &repo("app"), &d, 10).unwrap().is_empty());
+        let out = apply(
+            kv,
+            Command::ManifestDeleted {
+                account: a,
+                repo: repo("app"),
+                digest: d.clone(),
+            },
+        );
+        assert_eq!(out, Outcome::Done);
+        assert!(st.tags(a, &repo("app"), None, 10).unwrap().names.is_empty());
+        let out = apply(
+            kv,
+            Command::TagDeleted {
+                account: a,
+                repo: repo("app"),
+                tag: Tag::parse("v1").unwrap(),
+            },
+        );
+        assert!(matches!(out, Outcome::TagUnknown(_)));
+    }
+
+    #[test]
+    fn state_machine_on_memkv() {
+        suite(&MemKv::new());
+    }
+
+    #[test]
+    fn state_machine_on_rocksdb() {
+        let dir = tempfile::tempdir().unwrap();
+        suite(&RocksKv::open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn deterministic_replay() {
+        let a = MemKv::new();
+        let b = MemKv::new();
+        for kv in [&a, &b] {
+            let c = commit_blob(kv, "r", b"{}");
+            let l = commit_blob(kv, "r", b"abc");
+            put(kv, "r", &image_manifest(&c, &l, None), Some("t"));
+        }
+        let dump = |kv: &MemKv| -> Vec<_> {
+            Cf::STATE
+                .iter()
+                .flat_map(|cf| kv.scan(*cf, b"", b"", usize::MAX).unwrap())
+                .collect()
+        };
+        assert_eq!(dump(&a), dump(&b));
+    }
+}

@@ -1,0 +1,394 @@
+//! Black-box test harness: starts registries as real processes on loopback and talks to them
+//! over HTTP, the way clients do.
+//!
+//! Owns: locating the `portolan` binary, starting and killing server processes, a small OCI
+//! client for pushing test content.
+//! Never: links the registry's own crates — every test here sees only what a client sees.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest as _, Sha256};
+
+/// How long a server may take to print its listening address before a test gives up.
+pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `portolan` binary built alongside these tests (`target/<profile>/portolan`), or
+/// `PORTOLAN_BIN` when set.
+pub fn portolan_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PORTOLAN_BIN") {
+        return PathBuf::from(p);
+    }
+    // current_exe is target/<profile>/deps/<test>-<hash>
+    let exe = std::env::current_exe().expect("current test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    profile_dir.join("portolan")
+}
+
+/// A `portolan serve` child process on a loopback port chosen by the OS.
+pub struct Server {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    /// `127.0.0.1:PORT`, the form docker/skopeo take.
+    pub host: String,
+    listen: String,
+}
+
+impl Server {
+    /// Starts `portolan serve --listen 127.0.0.1:0 --data-dir DIR` and waits for the line
+    /// `listening on http://ADDR` on its stdout.
+    pub fn start(data_dir: &Path) -> Result<Server> {
+        Self::start_on(data_dir, "127.0.0.1:0")
+    }
+
+    /// As `start`, on a given address (used to restart on the same port).
+    pub fn start_on(data_dir: &Path, listen: &str) -> Result<Server> {
+        if std::env::var("REGISTRY_UNDER_TEST").as_deref() == Ok("distribution") {
+            return Self::start_reference(data_dir, listen);
+        }
+        let bin = portolan_bin();
+        if !bin.exists() {
+            bail!(
+                "portolan binary not found at {} (build the workspace first)",
+                bin.display()
+            );
+        }
+        let mut child = Command::new(&bin)
+            .arg("serve")
+            .arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut sent = false;
+            while let Some(Ok(line)) = lines.next() {
+                if !sent {
+                    if let Some(url) = line.strip_prefix("listening on ") {
+                        let _ = tx.send(url.trim().to_string());
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let url = match rx.recv_timeout(SERVER_START_TIMEOUT) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("portolan did not report its listening address in time");
+            }
+        };
+        let host = url.trim_start_matches("http://").to_string();
+        Ok(Server {
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            listen: host.clone(),
+            url,
+            host,
+        })
+    }
+
+    /// The reference registry (`docker-registry`, CNCF distribution) on the same data dir,
+    /// used to check a test's own expectations against another implementation
+    /// (`REGISTRY_UNDER_TEST=distribution`).
+    fn start_reference(data_dir: &Path, listen: &str) -> Result<Server> {
+        let addr = if listen.ends_with(":0") {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.to_string()
+        } else {
+            listen.to_string()
+        };
+        std::fs::create_dir_all(data_dir)?;
+        let config = data_dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                data_dir.join("storage").display()
+            ),
+        )?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start docker-registry")?;
+        let deadline = Instant::now() + SERVER_START_TIMEOUT;
+        loop {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("docker-registry did not listen in time");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Server {
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            listen: addr.clone(),
+            url: format!("http://{addr}"),
+            host: addr,
+        })
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout` for a clean exit; returns whether it exited.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
+    /// Starts the server again on the same data dir and the same address.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        let again = Server::start_on(&self.data_dir, &self.listen)?;
+        *self = again;
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// `sha256:<hex>` of some bytes.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// A minimal OCI Distribution client over reqwest, for putting test content in place.
+#[derive(Clone)]
+pub struct OciClient {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl OciClient {
+    pub fn new(base: &str) -> OciClient {
+        OciClient {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("build http client"),
+        }
+    }
+
+    /// Absolute URL for a path or a Location header value.
+    pub fn url(&self, path_or_location: &str) -> String {
+        if path_or_location.starts_with("http://") || path_or_location.starts_with("https://") {
+            path_or_location.to_string()
+        } else {
+            format!("{}{}", self.base, path_or_location)
+        }
+    }
+
+    /// Monolithic blob push (POST `?digest=`); returns the digest.
+    pub async fn push_blob(&self, repo: &str, bytes: &[u8]) -> Result<String> {
+        let digest = sha256_digest(bytes);
+        let resp = self
+            .http
+            .post(self.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
+            .header("Content-Type", "application/octet-stream")
+            .body(bytes.to_vec())
+            .send()
+            .await?;
+        if resp.status().as_u16() == 201 {
+            return Ok(digest);
+        }
+        // Registries may answer 202 and expect PUT.
+        if resp.status().as_u16() != 202 {
+            bail!("push blob: POST answered {}", resp.status());
+        }
+        let loc = location(&resp)?;
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let resp = self
+            .http
+            .put(self.url(&format!("{loc}{sep}digest={digest}")))
+            .header("Content-Type", "application/octet-stream")
+            .body(bytes.to_vec())
+            .send()
+            .await?;
+        if resp.status().as_u16() != 201 {
+            bail!("push blob: PUT answered {}", resp.status());
+        }
+        Ok(digest)
+    }
+
+    /// PUT a manifest under a tag or digest reference; returns the manifest digest.
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Result<String> {
+        let resp = self
+            .http
+            .put(self.url(&format!("/v2/{repo}/manifests/{reference}")))
+            .header("Content-Type", media_type)
+            .body(body.to_vec())
+            .send()
+            .await?;
+        if resp.status().as_u16() != 201 {
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            bail!("put manifest: {status}: {text}");
+        }
+        Ok(sha256_digest(body))
+    }
+
+    /// Pushes a config and `layers` random-ish layers and an OCI image manifest tagged `tag`.
+    /// Returns (manifest digest, manifest bytes).
+    pub async fn push_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[Vec<u8>],
+    ) -> Result<(String, Vec<u8>)> {
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}},"tag":"{tag}"}}"#
+        );
+        let config_digest = self.push_blob(repo, config.as_bytes()).await?;
+        let mut layer_descs = Vec::new();
+        for layer in layers {
+            let d = self.push_blob(repo, layer).await?;
+            layer_descs.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": d,
+                "size": layer.len(),
+            }));
+        }
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": config.len(),
+            },
+            "layers": layer_descs,
+        });
+        let bytes = serde_json::to_vec(&manifest)?;
+        let digest = self
+            .put_manifest(
+                repo,
+                tag,
+                "application/vnd.oci.image.manifest.v1+json",
+                &bytes,
+            )
+            .await?;
+        Ok((digest, bytes))
+    }
+
+    /// GET a blob and return its bytes (fails on a non-200).
+    pub async fn get_blob(&self, repo: &str, digest: &str) -> Result<Vec<u8>> {
+        let resp = self
+            .http
+            .get(self.url(&format!("/v2/{repo}/blobs/{digest}")))
+            .send()
+            .await?;
+        if resp.status().as_u16() != 200 {
+            bail!("get blob {digest}: {}", resp.status());
+        }
+        Ok(resp.bytes().await?.to_vec())
+    }
+
+    /// GET a manifest with a broad Accept header; returns (content type, bytes).
+    pub async fn get_manifest(&self, repo: &str, reference: &str) -> Result<(String, Vec<u8>)> {
+        let resp = self
+            .http
+            .get(self.url(&format!("/v2/{repo}/manifests/{reference}")))
+            .header("Accept", ACCEPT_ALL_MANIFESTS)
+            .send()
+            .await?;
+        if resp.status().as_u16() != 200 {
+            bail!("get manifest {reference}: {}", resp.status());
+        }
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        Ok((ct, resp.bytes().await?.to_vec()))
+    }
+}
+
+/// Every manifest media type a registry may serve.
+pub const ACCEPT_ALL_MANIFESTS: &str = "application/vnd.oci.image.manifest.v1+json, \
+application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The `Location` header of a response.
+pub fn location(resp: &reqwest::Response) -> Result<String> {
+    Ok(resp
+        .headers()
+        .get("location")
+        .context("response has no Location")?
+        .to_str()?
+        .to_string())
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so layers differ without an RNG dependency.
+pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
