@@ -304,10 +304,18 @@ impl BlobStore {
             if !valid_upload_id(&id) {
                 continue;
             }
+            // A session whose state is unreadable (being created right now, or torn) is
+            // dated by its directory's modification time, never treated as ancient.
+            let dir_mtime_ms = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(u64::MAX, |d| d.as_millis() as u64);
             let updated = fs::read(entry.path().join("state"))
                 .ok()
                 .and_then(|b| keys::decode::<UploadState>(&b).ok())
-                .map_or(0, |s| s.updated_ms);
+                .map_or(dir_mtime_ms, |s| s.updated_ms);
             out.push((id, updated));
         }
         Ok(out)

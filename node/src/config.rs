@@ -1,0 +1,240 @@
+//! The node's one typed configuration: sections per concern, units in field names, defaults
+//! shared between `Default`, the TOML file and the command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use engine::{AccountId, Limits};
+use serde::{Deserialize, Serialize};
+
+/// Embedded default: one node, region `local`, data in `./portolan-data`, HTTP on
+/// 127.0.0.1:5000.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+pub const DEFAULT_DATA_DIR: &str = "./portolan-data";
+pub const DEFAULT_REGION: &str = "local";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parse config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("http.listen {0:?} is not a socket address (host:port)")]
+    Listen(String),
+    #[error("node.region {0:?} must be 1-64 characters of [a-z0-9-]")]
+    Region(String),
+    #[error("node.default_account {0:?} is not a 12-digit account id")]
+    Account(String),
+    #[error("node.id must be at least 1")]
+    NodeId,
+    #[error(
+        "raft timings: need heartbeat_interval_ms ({heartbeat}) < election_timeout_min_ms ({min}) < election_timeout_max_ms ({max})"
+    )]
+    RaftTimings { heartbeat: u64, min: u64, max: u64 },
+    #[error("limits.{field} must be at least {min}, is {value}")]
+    Limit {
+        field: &'static str,
+        value: u64,
+        min: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    pub http: HttpSection,
+    pub raft: RaftSection,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    /// This node's id in its region's Raft group.
+    pub id: u64,
+    pub region: String,
+    pub data_dir: PathBuf,
+    /// The account that unauthenticated OCI requests act on.
+    pub default_account: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    pub listen: String,
+    /// On SIGTERM, how long in-flight requests may run before the server stops anyway
+    /// (uploads cut short stay resumable from their last checkpoint).
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftSection {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and compact the log) after this many entries.
+    pub snapshot_logs_since_last: u64,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            id: 1,
+            region: DEFAULT_REGION.into(),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            default_account: AccountId::DEFAULT.to_string(),
+        }
+    }
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            listen: DEFAULT_LISTEN.into(),
+            shutdown_grace_ms: 30_000,
+        }
+    }
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        RaftSection {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
+            snapshot_logs_since_last: 10_000,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: NodeSection::default(),
+            http: HttpSection::default(),
+            raft: RaftSection::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; missing fields take their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        self.listen_addr()?;
+        let r = &self.node.region;
+        if r.is_empty()
+            || r.len() > 64
+            || !r
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(ConfigError::Region(r.clone()));
+        }
+        self.account()?;
+        if self.node.id == 0 {
+            return Err(ConfigError::NodeId);
+        }
+        let rf = &self.raft;
+        if !(rf.heartbeat_interval_ms < rf.election_timeout_min_ms
+            && rf.election_timeout_min_ms < rf.election_timeout_max_ms)
+        {
+            return Err(ConfigError::RaftTimings {
+                heartbeat: rf.heartbeat_interval_ms,
+                min: rf.election_timeout_min_ms,
+                max: rf.election_timeout_max_ms,
+            });
+        }
+        let l = &self.limits;
+        for (field, value, min) in [
+            ("manifest_bytes_max", l.manifest_bytes_max, 1024),
+            ("blob_bytes_max", l.blob_bytes_max, 1),
+            ("uploads_open_max", l.uploads_open_max, 1),
+            ("upload_idle_ms_max", l.upload_idle_ms_max, 1000),
+            ("list_page_entries_max", l.list_page_entries_max, 1),
+            ("referrers_max", l.referrers_max, 1),
+            ("request_body_bytes_max", l.request_body_bytes_max, 1024),
+            ("raft_proposals_max", l.raft_proposals_max, 1),
+            (
+                "http_requests_inflight_max",
+                l.http_requests_inflight_max,
+                1,
+            ),
+        ] {
+            if value < min {
+                return Err(ConfigError::Limit { field, value, min });
+            }
+        }
+        Ok(self)
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.http
+            .listen
+            .parse()
+            .map_err(|_| ConfigError::Listen(self.http.listen.clone()))
+    }
+
+    pub fn account(&self) -> Result<AccountId, ConfigError> {
+        AccountId::parse(&self.node.default_account)
+            .map_err(|_| ConfigError::Account(self.node.default_account.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let c = Config::default().validate().unwrap();
+        assert_eq!(c.http.listen, DEFAULT_LISTEN);
+        let text = toml::to_string(&c).unwrap();
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn partial_files_take_defaults() {
+        let c: Config = toml::from_str("[http]\nlisten = \"127.0.0.1:6000\"\n").unwrap();
+        assert_eq!(c.http.listen, "127.0.0.1:6000");
+        assert_eq!(c.node.region, DEFAULT_REGION);
+        assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(toml::from_str::<Config>("[http]\nlisten_typo = 1\n").is_err());
+        let mut c = Config::default();
+        c.http.listen = "nowhere".into();
+        assert!(matches!(c.validate(), Err(ConfigError::Listen(_))));
+        let mut c = Config::default();
+        c.node.region = "US East".into();
+        assert!(matches!(c.validate(), Err(ConfigError::Region(_))));
+        let mut c = Config::default();
+        c.raft.election_timeout_min_ms = 50;
+        assert!(matches!(c.validate(), Err(ConfigError::RaftTimings { .. })));
+        let mut c = Config::default();
+        c.limits.manifest_bytes_max = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Limit { .. })));
+    }
+}

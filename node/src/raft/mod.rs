@@ -1,0 +1,55 @@
+//! openraft wiring: the region's metadata Raft group.
+//!
+//! Owns: the type configuration (what an entry carries and what applying it answers), the log
+//! store and the state machine on the `KvStore` seam, the peer network.
+//! Never: interprets commands — `engine::state` does, deterministically.
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+use std::io::Cursor;
+
+use engine::state::{Command, Outcome};
+use serde::{Deserialize, Serialize};
+
+/// What a Raft entry carries: a versioned command envelope, so a node can read entries
+/// written by an older version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    V1(Command),
+}
+
+/// What applying an entry answers to the proposer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Blank and membership entries.
+    None,
+    Outcome(Outcome),
+}
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type NodeId = u64;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type StorageIOError = openraft::StorageIOError<NodeId>;
+
+/// Serialisation of everything Raft persists (entries, vote, membership, snapshots).
+pub(crate) fn to_bytes<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("raft types always serialize")
+}
+
+pub(crate) fn from_bytes<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, bincode::Error> {
+    bincode::deserialize(b)
+}

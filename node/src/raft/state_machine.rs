@@ -1,0 +1,249 @@
+//! The Raft state machine: applies committed entries to the engine's state machine on the
+//! `KvStore` seam, and builds and installs snapshots.
+//!
+//! Each entry's effects and the applied log id are one atomic batch, so a crash between
+//! entries leaves the state at an entry boundary, and the applied id says which; the last
+//! batch of an `apply` call is synced, which makes every earlier one durable too, before the
+//! proposers are answered.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use engine::keys::{self, Cf};
+use engine::kv::{Batch, KvStore};
+use engine::state::State;
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::{
+    from_bytes, to_bytes, LogId, NodeId, Request, Response, StorageError, StorageIOError,
+    TypeConfig,
+};
+
+/// Rows per scan while dumping the state into a snapshot.
+const SNAPSHOT_SCAN_ROWS: usize = 4096;
+
+/// A snapshot's contents: every row of every state column family.
+#[derive(Serialize, Deserialize)]
+enum SnapshotData {
+    V1 {
+        rows: Vec<(String, Vec<u8>, Vec<u8>)>,
+    },
+}
+
+struct CurrentSnapshot {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+pub struct StateMachine<S: KvStore> {
+    kv: Arc<S>,
+    current: Arc<Mutex<Option<CurrentSnapshot>>>,
+}
+
+impl<S: KvStore> StateMachine<S> {
+    pub fn new(kv: Arc<S>) -> Self {
+        StateMachine {
+            kv,
+            current: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn applied(
+        &self,
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>), StorageError> {
+        let read = |k: &[u8]| {
+            self.kv
+                .get(Cf::SmMeta, k)
+                .map_err(|e| StorageError::from(StorageIOError::read_state_machine(&e)))
+        };
+        let last: Option<LogId> = match read(keys::SM_LAST_APPLIED)? {
+            Some(b) => from_bytes(&b).map_err(|e| StorageIOError::read_state_machine(&e))?,
+            None => None,
+        };
+        let membership = match read(keys::SM_MEMBERSHIP)? {
+            Some(b) => from_bytes(&b).map_err(|e| StorageIOError::read_state_machine(&e))?,
+            None => StoredMembership::default(),
+        };
+        Ok((last, membership))
+    }
+}
+
+/// Builds snapshots by scanning the state column families.
+pub struct SnapshotBuilder<S: KvStore> {
+    kv: Arc<S>,
+    current: Arc<Mutex<Option<CurrentSnapshot>>>,
+}
+
+impl<S: KvStore> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let sm = StateMachine {
+            kv: self.kv.clone(),
+            current: self.current.clone(),
+        };
+        let (last_applied, membership) = sm.applied()?;
+        let mut rows = Vec::new();
+        for cf in Cf::STATE {
+            let mut start: Vec<u8> = Vec::new();
+            loop {
+                let batch = self
+                    .kv
+                    .scan(cf, b"", &start, SNAPSHOT_SCAN_ROWS)
+                    .map_err(|e| StorageIOError::read_state_machine(&e))?;
+                let n = batch.len();
+                if let Some((k, _)) = batch.last() {
+                    start = k.clone();
+                    start.push(0);
+                }
+                for (k, v) in batch {
+                    rows.push((cf.name().to_string(), k, v));
+                }
+                if n < SNAPSHOT_SCAN_ROWS {
+                    break;
+                }
+            }
+        }
+        let data = to_bytes(&SnapshotData::V1 { rows });
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
+            None => format!("none-{}", data.len()),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        *self.current.lock().await = Some(CurrentSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        });
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl<S: KvStore> RaftStateMachine<TypeConfig> for StateMachine<S> {
+    type SnapshotBuilder = SnapshotBuilder<S>;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>), StorageError> {
+        self.applied()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        let (mut last_applied, _) = self.applied()?;
+        let mut out = Vec::with_capacity(entries.len());
+        let count = entries.len();
+        for (i, entry) in entries.into_iter().enumerate() {
+            if let Some(prev) = last_applied {
+                assert!(
+                    entry.log_id.index == prev.index + 1,
+                    "apply out of order: {} after {}",
+                    entry.log_id.index,
+                    prev.index
+                );
+            }
+            let mut batch = Batch::default();
+            let resp = match &entry.payload {
+                EntryPayload::Blank => Response::None,
+                EntryPayload::Normal(Request::V1(cmd)) => {
+                    let outcome = State::new(self.kv.as_ref())
+                        .apply(cmd, &mut batch)
+                        .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
+                    Response::Outcome(outcome)
+                }
+                EntryPayload::Membership(m) => {
+                    let stored = StoredMembership::new(Some(entry.log_id), m.clone());
+                    batch.put(Cf::SmMeta, keys::SM_MEMBERSHIP.to_vec(), to_bytes(&stored));
+                    Response::None
+                }
+            };
+            batch.put(
+                Cf::SmMeta,
+                keys::SM_LAST_APPLIED.to_vec(),
+                to_bytes(&Some(entry.log_id)),
+            );
+            let sync = i + 1 == count;
+            self.kv
+                .write(batch, sync)
+                .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
+            last_applied = Some(entry.log_id);
+            out.push(resp);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            kv: self.kv.clone(),
+            current: self.current.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let SnapshotData::V1 { rows } = from_bytes(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let mut batch = Batch::default();
+        for cf in Cf::STATE {
+            // Every key layout starts below 0xff (account ids, digest text, fixed names).
+            batch.delete_range(cf, Vec::new(), vec![0xff; 16]);
+        }
+        for (cf, k, v) in rows {
+            let cf = Cf::from_name(&cf).ok_or_else(|| {
+                StorageIOError::read_snapshot(
+                    Some(meta.signature()),
+                    &std::io::Error::other(format!("unknown column family {cf}")),
+                )
+            })?;
+            batch.put(cf, k, v);
+        }
+        batch.put(
+            Cf::SmMeta,
+            keys::SM_LAST_APPLIED.to_vec(),
+            to_bytes(&meta.last_log_id),
+        );
+        batch.put(
+            Cf::SmMeta,
+            keys::SM_MEMBERSHIP.to_vec(),
+            to_bytes(&meta.last_membership),
+        );
+        self.kv
+            .write(batch, true)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        *self.current.lock().await = Some(CurrentSnapshot {
+            meta: meta.clone(),
+            data,
+        });
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self.current.lock().await.as_ref().map(|c| Snapshot {
+            meta: c.meta.clone(),
+            snapshot: Box::new(Cursor::new(c.data.clone())),
+        }))
+    }
+}

@@ -1,0 +1,709 @@
+//! The node's implementation of the HTTP layer's `Registry` trait: reads from the local state
+//! machine, writes through Raft, blob bytes in the local blob store.
+//!
+//! Owns: upload sessions in flight (one writer per session, serialised by a lock), the order
+//! "bytes durable → command committed → client answered".
+//! Never: answers success for a write before its command is applied.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use engine::blob_store::{BlobError, BlobStore, UploadMeta, UploadWriter};
+use engine::keys::ReferrerRecord;
+use engine::kv::{KvStore, RocksKv};
+use engine::state::{Command, Outcome, State, StateError};
+use engine::{manifest, AccountId, Digest, Limits, Reference, RepoName};
+use futures_util::StreamExt;
+use registry_api::{
+    ApiError, BlobContent, BodyStream, ListPage, Manifest, ManifestPutResult, Registry,
+    RegistryResult, UploadStatus,
+};
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::clock::now_ms;
+use crate::raft::{Raft, Request, Response};
+
+/// Bytes gathered from a request body before they are handed to the disk in one write.
+const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
+
+type Session = Arc<Mutex<Option<UploadWriter>>>;
+
+pub struct NodeRegistry {
+    pub node_id: u64,
+    raft: Raft,
+    kv: Arc<RocksKv>,
+    blobs: BlobStore,
+    limits: Limits,
+    /// Open sessions by id; bounded by `limits.uploads_open_max`.
+    sessions: std::sync::Mutex<HashMap<String, Session>>,
+    proposals: Semaphore,
+}
+
+fn internal<E: std::fmt::Display>(e: E) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+fn state_err(e: StateError) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+fn blob_err(e: BlobError) -> ApiError {
+    match e {
+        BlobError::UploadUnknown(id) => ApiError::BlobUploadUnknown(id),
+        BlobError::BadUploadId => ApiError::BlobUploadUnknown("(malformed id)".into()),
+        BlobError::DigestMismatch { expected, actual } => {
+            ApiError::DigestInvalid(format!("content is {actual}, the client said {expected}"))
+        }
+        BlobError::BlobUnknown(d) => ApiError::BlobUnknown(d),
+        e @ (BlobError::Io { .. } | BlobError::CorruptState { .. }) => internal(e),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
+impl NodeRegistry {
+    pub fn new(
+        node_id: u64,
+        raft: Raft,
+        kv: Arc<RocksKv>,
+        blobs: BlobStore,
+        limits: Limits,
+    ) -> Self {
+        let proposals = Semaphore::new(limits.raft_proposals_max as usize);
+        NodeRegistry {
+            node_id,
+            raft,
+            kv,
+            blobs,
+            limits,
+            sessions: std::sync::Mutex::new(HashMap::new()),
+            proposals,
+        }
+    }
+
+    fn state(&self) -> State<'_, RocksKv> {
+        State::new(self.kv.as_ref())
+    }
+
+    pub fn blob_store(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    pub fn kv(&self) -> &Arc<RocksKv> {
+        &self.kv
+    }
+
+    /// Proposes a command and waits until it is applied; returns its outcome.
+    async fn propose(&self, cmd: Command) -> Result<Outcome, ApiError> {
+        let _permit = self
+            .proposals
+            .try_acquire()
+            .map_err(|_| ApiError::TooManyRequests("too many metadata writes queued".into()))?;
+        let name = cmd.name();
+        let resp = self
+            .raft
+            .client_write(Request::V1(cmd))
+            .await
+            .map_err(|e| {
+                tracing::warn!(command = name, error = %e, "raft write failed");
+                ApiError::Unavailable(format!("metadata write not committed: {e}"))
+            })?;
+        match resp.data {
+            Response::Outcome(o) => Ok(o),
+            Response::None => Err(ApiError::Internal(
+                "normal entry applied without an outcome".into(),
+            )),
+        }
+    }
+
+    fn session(&self, id: &str) -> Result<Session, ApiError> {
+        if !engine::blob_store::valid_upload_id(id) {
+            return Err(ApiError::BlobUploadUnknown("(malformed id)".into()));
+        }
+        let mut map = self.sessions.lock().expect("sessions lock");
+        if let Some(s) = map.get(id) {
+            return Ok(s.clone());
+        }
+        // Not in memory: it may be on disk from before a restart; `writer` resumes it.
+        if map.len() as u64 >= self.limits.uploads_open_max {
+            return Err(ApiError::TooManyRequests("too many open uploads".into()));
+        }
+        let s: Session = Arc::new(Mutex::new(None));
+        map.insert(id.to_string(), s.clone());
+        Ok(s)
+    }
+
+    fn forget(&self, id: &str) {
+        self.sessions.lock().expect("sessions lock").remove(id);
+    }
+
+    /// Takes the session's writer out of its slot (resuming from disk if needed) and checks it
+    /// belongs to `account`/`repo`.
+    async fn take_writer(
+        &self,
+        slot: &mut Option<UploadWriter>,
+        account: AccountId,
+        repo: &RepoName,
+        id: &str,
+    ) -> Result<UploadWriter, ApiError> {
+        let w = match slot.take() {
+            Some(w) => w,
+            None => {
+                let store = self.blobs.clone();
+                let id = id.to_string();
+                blocking(move || store.resume_upload(&id).map_err(blob_err)).await?
+            }
+        };
+        if w.meta().account != account || &w.meta().repo != repo {
+            let e = ApiError::BlobUploadUnknown(id.to_string());
+            *slot = Some(w);
+            return Err(e);
+        }
+        Ok(w)
+    }
+
+    /// Streams `body` into the writer, returning it with everything appended (checkpointed
+    /// either way, so a request cut short leaves a resumable session).
+    async fn append(
+        &self,
+        mut w: UploadWriter,
+        mut body: BodyStream,
+    ) -> (UploadWriter, Result<(), ApiError>) {
+        let max = self.limits.blob_bytes_max;
+        let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER_BYTES);
+        let mut result = Ok(());
+        loop {
+            let next = body.next().await;
+            let done = next.is_none();
+            match next {
+                Some(Ok(chunk)) => {
+                    if w.offset() + buf.len() as u64 + chunk.len() as u64 > max {
+                        result = Err(ApiError::TooLarge {
+                            what: "blob",
+                            size_bytes: w.offset() + buf.len() as u64 + chunk.len() as u64,
+                            limit_bytes: max,
+                        });
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Some(Err(e)) => {
+                    result = Err(ApiError::BlobUploadInvalid(format!(
+                        "request body ended early: {e}"
+                    )));
+                    break;
+                }
+                None => {}
+            }
+            if buf.len() >= WRITE_BUFFER_BYTES || (done && !buf.is_empty()) {
+                let data = std::mem::replace(&mut buf, Vec::with_capacity(WRITE_BUFFER_BYTES));
+                let r = tokio::task::spawn_blocking(move || {
+                    let r = w.write(&data);
+                    (w, r)
+                })
+                .await;
+                match r {
+                    Ok((back, r)) => {
+                        w = back;
+                        if let Err(e) = r {
+                            return (w, Err(blob_err(e)));
+                        }
+                    }
+                    Err(e) => panic!("upload write task panicked: {e}"),
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        (w, result)
+    }
+
+    async fn checkpoint(&self, w: UploadWriter) -> (UploadWriter, Result<(), ApiError>) {
+        let now = now_ms();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut w = w;
+            let r = w.checkpoint(now).map_err(blob_err);
+            (w, r)
+        })
+        .await;
+        match r {
+            Ok(pair) => pair,
+            Err(e) => panic!("upload checkpoint task panicked: {e}"),
+        }
+    }
+
+    fn blob_linked(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, ApiError> {
+        Ok(self
+            .state()
+            .blob_link(account, repo, digest)
+            .map_err(state_err)?
+            .map(|l| l.size_bytes))
+    }
+
+    fn resolve(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Digest, ApiError> {
+        match reference {
+            Reference::Digest(d) => Ok(d.clone()),
+            Reference::Tag(t) => self
+                .state()
+                .tag(account, repo, t)
+                .map_err(state_err)?
+                .map(|t| t.digest)
+                .ok_or_else(|| ApiError::ManifestUnknown(format!("{repo}:{t}"))),
+        }
+    }
+}
+
+fn outcome_err(o: Outcome) -> ApiError {
+    match o {
+        Outcome::Done => ApiError::Internal("success treated as an error".into()),
+        Outcome::BlobUnknown(d) => ApiError::BlobUnknown(d),
+        Outcome::ManifestUnknown(d) => ApiError::ManifestUnknown(d.to_string()),
+        Outcome::ManifestBlobUnknown(d) => ApiError::ManifestBlobUnknown(d),
+        Outcome::ManifestInvalid(m) => ApiError::ManifestInvalid(m),
+        Outcome::TagUnknown(t) => ApiError::ManifestUnknown(t.to_string()),
+    }
+}
+
+impl Registry for NodeRegistry {
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    async fn blob_size(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> RegistryResult<Option<u64>> {
+        self.blob_linked(account, repo, digest)
+    }
+
+    async fn blob_content(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> RegistryResult<BlobContent> {
+        let size = self
+            .blob_linked(account, repo, digest)?
+            .ok_or_else(|| ApiError::BlobUnknown(digest.clone()))?;
+        let file = self.blobs.open_blob(digest).map_err(blob_err)?;
+        let len = file.metadata().map_err(internal)?.len();
+        if len != size {
+            return Err(ApiError::Internal(format!(
+                "blob {digest} is {len} bytes on disk, {size} in metadata"
+            )));
+        }
+        if size == 0 {
+            return Ok(BlobContent {
+                size_bytes: 0,
+                bytes: Bytes::new(),
+            });
+        }
+        // SAFETY: blob files are immutable once renamed into place (written to a temporary
+        // name, fsynced, renamed) and are only ever unlinked, never truncated or rewritten, so
+        // the mapping cannot change under the reader.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(internal)?;
+        Ok(BlobContent {
+            size_bytes: size,
+            bytes: Bytes::from_owner(map),
+        })
+    }
+
+    async fn blob_delete(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> RegistryResult<()> {
+        match self
+            .propose(Command::BlobUnlinked {
+                account,
+                repo: repo.clone(),
+                digest: digest.clone(),
+            })
+            .await?
+        {
+            Outcome::Done => Ok(()),
+            o => Err(outcome_err(o)),
+        }
+    }
+
+    async fn blob_mount(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        from: &RepoName,
+        digest: &Digest,
+    ) -> RegistryResult<bool> {
+        if self.blob_linked(account, from, digest)?.is_none() {
+            return Ok(false);
+        }
+        if self.blob_linked(account, repo, digest)?.is_some() {
+            return Ok(true);
+        }
+        match self
+            .propose(Command::BlobMounted {
+                account,
+                repo: repo.clone(),
+                from: from.clone(),
+                digest: digest.clone(),
+                now_ms: now_ms(),
+            })
+            .await?
+        {
+            Outcome::Done => Ok(true),
+            Outcome::BlobUnknown(_) => Ok(false),
+            o => Err(outcome_err(o)),
+        }
+    }
+
+    async fn upload_start(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+    ) -> RegistryResult<UploadStatus> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let slot = self.session(&id)?;
+        let store = self.blobs.clone();
+        let meta = UploadMeta {
+            account,
+            repo: repo.clone(),
+            created_ms: now_ms(),
+        };
+        let now = meta.created_ms;
+        let id2 = id.clone();
+        let w = match blocking(move || store.create_upload(&id2, meta, now).map_err(blob_err)).await
+        {
+            Ok(w) => w,
+            Err(e) => {
+                self.forget(&id);
+                return Err(e);
+            }
+        };
+        *slot.lock().await = Some(w);
+        Ok(UploadStatus { id, offset: 0 })
+    }
+
+    async fn upload_status(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        id: &str,
+    ) -> RegistryResult<UploadStatus> {
+        let slot = self.session(id)?;
+        let mut guard = slot.lock().await;
+        let w = match self.take_writer(&mut guard, account, repo, id).await {
+            Ok(w) => w,
+            Err(e) => {
+                if guard.is_none() {
+                    self.forget(id);
+                }
+                return Err(e);
+            }
+        };
+        let offset = w.offset();
+        *guard = Some(w);
+        Ok(UploadStatus {
+            id: id.to_string(),
+            offset,
+        })
+    }
+
+    async fn upload_append(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        id: &str,
+        start: Option<u64>,
+        body: BodyStream,
+    ) -> RegistryResult<UploadStatus> {
+        let slot = self.session(id)?;
+        let mut guard = slot.lock().await;
+        let w = match self.take_writer(&mut guard, account, repo, id).await {
+            Ok(w) => w,
+            Err(e) => {
+                if guard.is_none() {
+                    self.forget(id);
+                }
+                return Err(e);
+            }
+        };
+        if let Some(start) = start {
+            if start != w.offset() {
+                let offset = w.offset();
+                *guard = Some(w);
+                return Err(ApiError::ChunkOutOfOrder { start, offset });
+            }
+        }
+        let (w, appended) = self.append(w, body).await;
+        let (w, saved) = self.checkpoint(w).await;
+        let offset = w.offset();
+        *guard = Some(w);
+        appended?;
+        saved?;
+        Ok(UploadStatus {
+            id: id.to_string(),
+            offset,
+        })
+    }
+
+    async fn upload_finish(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        body: BodyStream,
+    ) -> RegistryResult<()> {
+        let slot = self.session(id)?;
+        let mut guard = slot.lock().await;
+        let w = match self.take_writer(&mut guard, account, repo, id).await {
+            Ok(w) => w,
+            Err(e) => {
+                if guard.is_none() {
+                    self.forget(id);
+                }
+                return Err(e);
+            }
+        };
+        let (w, appended) = self.append(w, body).await;
+        if let Err(e) = appended {
+            let (w, _) = self.checkpoint(w).await;
+            *guard = Some(w);
+            return Err(e);
+        }
+        let store = self.blobs.clone();
+        let expected = digest.clone();
+        // The session ends here whatever happens: committed, or gone on a digest mismatch.
+        let finished = blocking(move || w.finish(&expected, &store).map_err(blob_err)).await;
+        drop(guard);
+        self.forget(id);
+        let stored = finished?;
+        match self
+            .propose(Command::BlobCommitted {
+                account,
+                repo: repo.clone(),
+                digest: stored.digest,
+                size_bytes: stored.size_bytes,
+                holders: vec![self.node_id],
+                now_ms: now_ms(),
+            })
+            .await?
+        {
+            Outcome::Done => Ok(()),
+            o => Err(outcome_err(o)),
+        }
+    }
+
+    async fn upload_cancel(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        id: &str,
+    ) -> RegistryResult<()> {
+        let slot = self.session(id)?;
+        let mut guard = slot.lock().await;
+        let w = self.take_writer(&mut guard, account, repo, id).await;
+        drop(guard);
+        self.forget(id);
+        w?;
+        let store = self.blobs.clone();
+        let id = id.to_string();
+        blocking(move || store.delete_upload(&id).map_err(blob_err)).await
+    }
+
+    async fn manifest_get(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> RegistryResult<Manifest> {
+        let digest = self.resolve(account, repo, reference)?;
+        let m = self
+            .state()
+            .manifest(account, repo, &digest)
+            .map_err(state_err)?
+            .ok_or_else(|| ApiError::ManifestUnknown(format!("{repo}@{digest}")))?;
+        Ok(Manifest {
+            digest,
+            media_type: m.media_type,
+            bytes: Bytes::from(m.bytes),
+        })
+    }
+
+    async fn manifest_put(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: &str,
+        bytes: Bytes,
+    ) -> RegistryResult<ManifestPutResult> {
+        let parsed = manifest::parse(&bytes, content_type, self.limits.manifest_bytes_max)
+            .map_err(|e| match e {
+                manifest::ManifestError::TooLarge {
+                    size_bytes,
+                    limit_bytes,
+                } => ApiError::TooLarge {
+                    what: "manifest",
+                    size_bytes,
+                    limit_bytes,
+                },
+                e => ApiError::ManifestInvalid(e.to_string()),
+            })?;
+        let (digest, tag) = match reference {
+            Reference::Digest(d) => {
+                let actual = Digest::of(d.algorithm(), &bytes);
+                if &actual != d {
+                    return Err(ApiError::DigestInvalid(format!(
+                        "manifest content is {actual}, the URL says {d}"
+                    )));
+                }
+                (actual, None)
+            }
+            Reference::Tag(t) => (Digest::sha256_of(&bytes), Some(t.clone())),
+        };
+        // Fail fast on missing references; apply checks again against committed state.
+        for d in parsed.required_blobs() {
+            if self.blob_linked(account, repo, d)?.is_none() {
+                return Err(ApiError::ManifestBlobUnknown(d.clone()));
+            }
+        }
+        for d in parsed.required_manifests() {
+            if self
+                .state()
+                .manifest(account, repo, d)
+                .map_err(state_err)?
+                .is_none()
+            {
+                return Err(ApiError::ManifestBlobUnknown(d.clone()));
+            }
+        }
+        let subject = parsed.subject.as_ref().map(|s| s.digest.clone());
+        match self
+            .propose(Command::ManifestPut {
+                account,
+                repo: repo.clone(),
+                digest: digest.clone(),
+                media_type: parsed.media_type().to_string(),
+                bytes: bytes.to_vec(),
+                tag,
+                now_ms: now_ms(),
+            })
+            .await?
+        {
+            Outcome::Done => Ok(ManifestPutResult { digest, subject }),
+            o => Err(outcome_err(o)),
+        }
+    }
+
+    async fn manifest_delete(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> RegistryResult<()> {
+        let cmd = match reference {
+            Reference::Digest(d) => Command::ManifestDeleted {
+                account,
+                repo: repo.clone(),
+                digest: d.clone(),
+            },
+            Reference::Tag(t) => Command::TagDeleted {
+                account,
+                repo: repo.clone(),
+                tag: t.clone(),
+            },
+        };
+        match self.propose(cmd).await? {
+            Outcome::Done => Ok(()),
+            o => Err(outcome_err(o)),
+        }
+    }
+
+    async fn tags(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        last: Option<&str>,
+        n: usize,
+    ) -> RegistryResult<ListPage> {
+        let st = self.state();
+        if !st.repo_exists(account, repo).map_err(state_err)? {
+            return Err(ApiError::NameUnknown(repo.clone()));
+        }
+        let p = st.tags(account, repo, last, n).map_err(state_err)?;
+        Ok(ListPage {
+            names: p.names,
+            more: p.more,
+        })
+    }
+
+    async fn catalog(
+        &self,
+        account: AccountId,
+        last: Option<&str>,
+        n: usize,
+    ) -> RegistryResult<ListPage> {
+        let p = self.state().catalog(account, last, n).map_err(state_err)?;
+        Ok(ListPage {
+            names: p.names,
+            more: p.more,
+        })
+    }
+
+    async fn referrers(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> RegistryResult<Vec<(Digest, ReferrerRecord)>> {
+        self.state()
+            .referrers(account, repo, subject, self.limits.referrers_max as usize)
+            .map_err(state_err)
+    }
+}
+
+/// Removes sessions idle longer than `upload_idle_ms_max`; returns how many.
+pub fn expire_uploads(store: &BlobStore, limits: &Limits, now_ms: u64, scan_max: usize) -> usize {
+    let Ok(list) = store.list_uploads(scan_max) else {
+        return 0;
+    };
+    let mut n = 0;
+    for (id, updated) in list {
+        if now_ms.saturating_sub(updated) > limits.upload_idle_ms_max
+            && store.delete_upload(&id).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+impl NodeRegistry {
+    /// Number of sessions currently held in memory.
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.lock().expect("sessions lock").len()
+    }
+
+    pub fn kv_store(&self) -> &dyn KvStore {
+        self.kv.as_ref()
+    }
+}

@@ -1,0 +1,260 @@
+//! Starting and stopping a node: open storage, start (or restart) its Raft group, serve HTTP,
+//! and shut down gracefully.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::serve::ListenerExt;
+use axum::Router;
+use engine::blob_store::BlobStore;
+use engine::kv::RocksKv;
+use openraft::BasicNode;
+use registry_api::HttpMetrics;
+
+use crate::clock::now_ms;
+use crate::config::Config;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::LocalNetwork;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::Raft;
+use crate::registry::{expire_uploads, NodeRegistry};
+
+/// How often abandoned upload sessions are looked for.
+const UPLOAD_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
+/// Sessions examined per expiry pass, so one pass is bounded.
+const UPLOAD_EXPIRY_SCAN_MAX: usize = 10_000;
+/// How long a starting node waits for its group to elect a leader.
+const LEADER_WAIT: Duration = Duration::from_secs(30);
+
+/// A running node.
+pub struct Node {
+    pub config: Config,
+    pub raft: Raft,
+    pub registry: Arc<NodeRegistry>,
+    pub metrics: Arc<HttpMetrics>,
+}
+
+impl Node {
+    /// Opens the data directory and starts the Raft group: bootstrapped as a group of one on
+    /// the first start, recovered from disk on every later one.
+    pub async fn open(config: Config) -> Result<Node> {
+        let data = &config.node.data_dir;
+        std::fs::create_dir_all(data)
+            .with_context(|| format!("create data dir {}", data.display()))?;
+        let kv = Arc::new(RocksKv::open(&data.join("meta")).context("open metadata db")?);
+        let blobs = BlobStore::open(&data.join("store")).context("open blob store")?;
+
+        let rc = openraft::Config {
+            cluster_name: format!("portolan-{}", config.node.region),
+            heartbeat_interval: config.raft.heartbeat_interval_ms,
+            election_timeout_min: config.raft.election_timeout_min_ms,
+            election_timeout_max: config.raft.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
+                config.raft.snapshot_logs_since_last,
+            ),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        };
+        let rc = Arc::new(rc.validate().context("validate raft config")?);
+        let node_id = config.node.id;
+        let raft = Raft::new(
+            node_id,
+            rc,
+            LocalNetwork,
+            LogStore::new(kv.clone()),
+            StateMachine::new(kv.clone()),
+        )
+        .await
+        .context("start raft")?;
+        if !raft.is_initialized().await.context("read raft state")? {
+            let mut members = BTreeMap::new();
+            members.insert(node_id, BasicNode::new(config.http.listen.clone()));
+            raft.initialize(members)
+                .await
+                .context("bootstrap single-node raft group")?;
+            tracing::info!(node = node_id, region = %config.node.region, "bootstrapped raft group");
+        }
+        raft.wait(Some(LEADER_WAIT))
+            .metrics(|m| m.current_leader.is_some(), "leader elected")
+            .await
+            .context("wait for a raft leader")?;
+        let registry = Arc::new(NodeRegistry::new(
+            node_id,
+            raft.clone(),
+            kv,
+            blobs,
+            config.limits.clone(),
+        ));
+        Ok(Node {
+            config,
+            raft,
+            registry,
+            metrics: Arc::new(HttpMetrics::default()),
+        })
+    }
+
+    /// The full HTTP surface: OCI routes, `/metrics`, `/_portolan/v1/status`.
+    pub fn router(&self) -> Router {
+        let status_state = StatusState {
+            raft: self.raft.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            region: self.config.node.region.clone(),
+        };
+        let admin = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/_portolan/v1/status", get(status))
+            .with_state(Arc::new(status_state));
+        admin.merge(registry_api::router(
+            self.registry.clone(),
+            self.metrics.clone(),
+        ))
+    }
+
+    /// Serves until `shutdown` resolves, then lets in-flight requests finish for up to
+    /// `http.shutdown_grace_ms` and stops Raft. `on_listen` learns the bound address.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        on_listen: impl FnOnce(SocketAddr),
+    ) -> Result<()> {
+        let addr = self.config.listen_addr()?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind {addr}"))?;
+        let local = listener.local_addr().context("read bound address")?;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        on_listen(local);
+        tracing::info!(%local, node = self.config.node.id, region = %self.config.node.region, "serving");
+
+        let expiry = {
+            let store = self.registry.blob_store().clone();
+            let limits = self.config.limits.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(
+                    tokio::time::Instant::now() + UPLOAD_EXPIRY_INTERVAL,
+                    UPLOAD_EXPIRY_INTERVAL,
+                );
+                loop {
+                    tick.tick().await;
+                    let store = store.clone();
+                    let limits = limits.clone();
+                    let n = tokio::task::spawn_blocking(move || {
+                        expire_uploads(&store, &limits, now_ms(), UPLOAD_EXPIRY_SCAN_MAX)
+                    })
+                    .await
+                    .unwrap_or(0);
+                    if n > 0 {
+                        tracing::info!(expired = n, "removed idle upload sessions");
+                    }
+                }
+            })
+        };
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let grace = Duration::from_millis(self.config.http.shutdown_grace_ms);
+        let app = self.router();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let mut stop_rx2 = stop_rx.clone();
+        tokio::select! {
+            r = server => r.context("http server")?,
+            _ = async {
+                let _ = stop_rx2.wait_for(|s| *s).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight requests outlived the shutdown grace period; stopping anyway");
+            }
+        }
+        expiry.abort();
+        self.raft.shutdown().await.ok();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+struct StatusState {
+    raft: Raft,
+    registry: Arc<NodeRegistry>,
+    metrics: Arc<HttpMetrics>,
+    region: String,
+}
+
+async fn status(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
+    let m = st.raft.metrics().borrow().clone();
+    let members: Vec<serde_json::Value> = m
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, n)| serde_json::json!({ "id": id, "addr": n.addr }))
+        .collect();
+    let body = serde_json::json!({
+        "node_id": st.registry.node_id,
+        "region": st.region,
+        "raft_role": format!("{:?}", m.state),
+        "leader_id": m.current_leader,
+        "current_term": m.current_term,
+        "last_log_index": m.last_log_index,
+        "last_applied_index": m.last_applied.map(|l| l.index),
+        "members": members,
+        "open_upload_sessions": st.registry.open_sessions(),
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+}
+
+async fn metrics(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
+    let mut out = String::new();
+    st.metrics.render(&mut out);
+    let m = st.raft.metrics().borrow().clone();
+    let g = |out: &mut String, name: &str, help: &str, v: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+        ));
+    };
+    g(
+        &mut out,
+        "portolan_raft_term",
+        "Current Raft term.",
+        m.current_term,
+    );
+    g(
+        &mut out,
+        "portolan_raft_last_log_index",
+        "Index of the last Raft log entry.",
+        m.last_log_index.unwrap_or(0),
+    );
+    g(
+        &mut out,
+        "portolan_raft_applied_index",
+        "Index of the last applied Raft entry.",
+        m.last_applied.map_or(0, |l| l.index),
+    );
+    g(
+        &mut out,
+        "portolan_raft_is_leader",
+        "1 when this node leads its region's Raft group.",
+        u64::from(m.current_leader == Some(st.registry.node_id)),
+    );
+    g(
+        &mut out,
+        "portolan_upload_sessions_open",
+        "Upload sessions held in memory.",
+        st.registry.open_sessions() as u64,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}

@@ -1,0 +1,176 @@
+//! The `Registry` trait: what the HTTP layer needs from a node. The HTTP layer decides nothing
+//! about placement or consensus; the node implements this trait on its Raft group and blob
+//! store.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use engine::keys::ReferrerRecord;
+use engine::{AccountId, Digest, Limits, Reference, RepoName};
+use futures_util::Stream;
+
+use crate::error::ApiError;
+
+/// A request body as it arrives.
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
+
+/// A committed blob, ready to serve. `bytes` is backed by the file itself (a memory map), so
+/// serving it copies nothing through the process.
+pub struct BlobContent {
+    pub size_bytes: u64,
+    pub bytes: Bytes,
+}
+
+/// An upload session's position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadStatus {
+    pub id: String,
+    pub offset: u64,
+}
+
+/// A stored manifest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+/// The answer to a manifest PUT.
+#[derive(Debug, Clone)]
+pub struct ManifestPutResult {
+    pub digest: Digest,
+    pub subject: Option<Digest>,
+}
+
+/// A page of a list and whether more follow.
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub names: Vec<String>,
+    pub more: bool,
+}
+
+/// Result type of every registry operation.
+pub type RegistryResult<T> = Result<T, ApiError>;
+
+/// The operations behind the OCI routes. Every method validates nothing the HTTP layer already
+/// did (names, digests, references are typed), but everything about state.
+pub trait Registry: Send + Sync + 'static {
+    fn limits(&self) -> &Limits;
+
+    fn blob_size(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> impl Future<Output = RegistryResult<Option<u64>>> + Send;
+
+    fn blob_content(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> impl Future<Output = RegistryResult<BlobContent>> + Send;
+
+    fn blob_delete(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> impl Future<Output = RegistryResult<()>> + Send;
+
+    /// Links `digest` from `from` into `repo`; false when `from` does not have it.
+    fn blob_mount(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        from: &RepoName,
+        digest: &Digest,
+    ) -> impl Future<Output = RegistryResult<bool>> + Send;
+
+    fn upload_start(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+    ) -> impl Future<Output = RegistryResult<UploadStatus>> + Send;
+
+    fn upload_status(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        id: &str,
+    ) -> impl Future<Output = RegistryResult<UploadStatus>> + Send;
+
+    /// Appends `body`; `start` (from `Content-Range`) must equal the current offset.
+    fn upload_append(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        id: &str,
+        start: Option<u64>,
+        body: BodyStream,
+    ) -> impl Future<Output = RegistryResult<UploadStatus>> + Send;
+
+    /// Appends the final `body` (may be empty), verifies `digest` and commits the blob.
+    fn upload_finish(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        body: BodyStream,
+    ) -> impl Future<Output = RegistryResult<()>> + Send;
+
+    fn upload_cancel(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        id: &str,
+    ) -> impl Future<Output = RegistryResult<()>> + Send;
+
+    fn manifest_get(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> impl Future<Output = RegistryResult<Manifest>> + Send;
+
+    fn manifest_put(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: &str,
+        bytes: Bytes,
+    ) -> impl Future<Output = RegistryResult<ManifestPutResult>> + Send;
+
+    fn manifest_delete(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> impl Future<Output = RegistryResult<()>> + Send;
+
+    fn tags(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        last: Option<&str>,
+        n: usize,
+    ) -> impl Future<Output = RegistryResult<ListPage>> + Send;
+
+    fn catalog(
+        &self,
+        account: AccountId,
+        last: Option<&str>,
+        n: usize,
+    ) -> impl Future<Output = RegistryResult<ListPage>> + Send;
+
+    fn referrers(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> impl Future<Output = RegistryResult<Vec<(Digest, ReferrerRecord)>>> + Send;
+}
