@@ -19,6 +19,9 @@ pub enum KvError {
     Corrupt { cf: Cf, reason: String },
 }
 
+/// A key and its value.
+pub type Row = (Vec<u8>, Vec<u8>);
+
 /// One write in a batch.
 #[derive(Debug, Clone)]
 pub enum Op {
@@ -57,15 +60,9 @@ impl Batch {
 pub trait KvStore: Send + Sync + 'static {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
     /// Up to `limit` entries with keys `>= start` that begin with `prefix`, ascending.
-    fn scan(
-        &self,
-        cf: Cf,
-        prefix: &[u8],
-        start: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError>;
+    fn scan(&self, cf: Cf, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<Row>, KvError>;
     /// The last entry whose key begins with `prefix`.
-    fn last(&self, cf: Cf, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, KvError>;
+    fn last(&self, cf: Cf, prefix: &[u8]) -> Result<Option<Row>, KvError>;
     fn write(&self, batch: Batch, sync: bool) -> Result<(), KvError>;
 }
 
@@ -116,13 +113,7 @@ impl KvStore for RocksKv {
         Ok(self.db.get_cf(self.handle(cf), key)?)
     }
 
-    fn scan(
-        &self,
-        cf: Cf,
-        prefix: &[u8],
-        start: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    fn scan(&self, cf: Cf, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<Row>, KvError> {
         let from = if start > prefix { start } else { prefix };
         let mut ro = rocksdb::ReadOptions::default();
         if let Some(end) = next_prefix(prefix) {
@@ -147,7 +138,7 @@ impl KvStore for RocksKv {
         Ok(out)
     }
 
-    fn last(&self, cf: Cf, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, KvError> {
+    fn last(&self, cf: Cf, prefix: &[u8]) -> Result<Option<Row>, KvError> {
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_lower_bound(prefix.to_vec());
         let mode = match next_prefix(prefix) {
@@ -216,13 +207,7 @@ impl KvStore for MemKv {
         Ok(g.live.get(&(cf, key.to_vec())).cloned())
     }
 
-    fn scan(
-        &self,
-        cf: Cf,
-        prefix: &[u8],
-        start: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    fn scan(&self, cf: Cf, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<Row>, KvError> {
         let g = self.inner.lock().expect("memkv lock");
         let from = if start > prefix { start } else { prefix };
         Ok(g.live
@@ -233,7 +218,7 @@ impl KvStore for MemKv {
             .collect())
     }
 
-    fn last(&self, cf: Cf, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, KvError> {
+    fn last(&self, cf: Cf, prefix: &[u8]) -> Result<Option<Row>, KvError> {
         let g = self.inner.lock().expect("memkv lock");
         Ok(g.live
             .range((cf, prefix.to_vec())..)

@@ -413,7 +413,7 @@ mod tests {
                 "",
             ),
             (
-                format!(r#"{{"schemaVersion":2,"manifests":[],"layers":[]}}"#),
+                r#"{"schemaVersion":2,"manifests":[],"layers":[]}"#.to_string(),
                 media::OCI_INDEX,
             ),
             // bad descriptors
