@@ -102,6 +102,24 @@ fn fsync_dir(path: &Path) -> Result<(), BlobError> {
     File::open(path).and_then(|d| d.sync_all()).at(path)
 }
 
+/// Replaces `path` with `bytes` through a temporary file and a rename, so readers see the old
+/// or the new contents, never a mix; with `sync`, durably.
+fn write_file(path: &Path, bytes: &[u8], sync: bool) -> Result<(), BlobError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp).at(&tmp)?;
+    f.write_all(bytes).at(&tmp)?;
+    if sync {
+        f.sync_data().at(&tmp)?;
+    }
+    fs::rename(&tmp, path).at(path)?;
+    if sync {
+        fsync_dir(path.parent().expect("file path has a parent"))?;
+    }
+    Ok(())
+}
+
 impl BlobStore {
     pub fn open(root: &Path) -> Result<BlobStore, BlobError> {
         for sub in ["blobs/sha256", "blobs/sha512", "uploads"] {
@@ -148,20 +166,35 @@ impl BlobStore {
         }
     }
 
-    /// The chunk index recorded when the blob was committed.
+    /// The chunk index recorded when the blob was committed. The index is derived data and
+    /// written without fsync: if a crash left it missing or torn, it is rebuilt from the blob.
     pub fn chunk_index(&self, d: &Digest) -> Result<Vec<ChunkRef>, BlobError> {
+        let size = self
+            .blob_len(d)
+            .ok_or_else(|| BlobError::BlobUnknown(d.clone()))?;
         let p = self.chunks_path(d);
-        let bytes = match fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(BlobError::BlobUnknown(d.clone()))
+        if let Ok(bytes) = fs::read(&p) {
+            if let Ok(chunks) = keys::decode::<Vec<ChunkRef>>(&bytes) {
+                if chunks.iter().map(|c| c.len_bytes as u64).sum::<u64>() == size {
+                    return Ok(chunks);
+                }
             }
-            Err(e) => return Err(BlobError::Io { path: p, source: e }),
-        };
-        keys::decode(&bytes).map_err(|e| BlobError::CorruptState {
-            id: d.to_string(),
-            reason: e.to_string(),
-        })
+        }
+        tracing::warn!(digest = %d, "chunk index missing or torn; rebuilding it from the blob");
+        let bp = self.blob_path(d);
+        let mut f = File::open(&bp).at(&bp)?;
+        let mut chunker = Chunker::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).at(&bp)?;
+            if n == 0 {
+                break;
+            }
+            chunker.update(&buf[..n]);
+        }
+        let chunks = chunker.finish();
+        write_file(&p, &keys::encode(&chunks), false)?;
+        Ok(chunks)
     }
 
     /// Removes a committed blob (GC, or a failed replica write).
@@ -202,8 +235,10 @@ impl BlobStore {
             meta,
             updated_ms: now_ms,
         };
-        w.checkpoint(now_ms)?;
-        fsync_dir(&self.root.join("uploads"))?;
+        // Not synced: a session is durable from its first checkpoint (the end of its first
+        // PATCH); one lost to a crash before that is simply unknown, and the client restarts
+        // the push. This keeps fsyncs off the POST path.
+        w.write_state(now_ms, false)?;
         Ok(w)
     }
 
@@ -322,7 +357,16 @@ impl BlobStore {
     }
 
     /// Stores `bytes` as a blob in one step (monolithic upload, or a replica received whole).
-    pub fn put_blob(&self, expected: &Digest, bytes: &[u8]) -> Result<StoredBlob, BlobError> {
+    /// `tmp_id` names the temporary file and must be unique among concurrent calls.
+    pub fn put_blob(
+        &self,
+        expected: &Digest,
+        bytes: &[u8],
+        tmp_id: &str,
+    ) -> Result<StoredBlob, BlobError> {
+        if !valid_upload_id(tmp_id) {
+            return Err(BlobError::BadUploadId);
+        }
         let actual = Digest::of(expected.algorithm(), bytes);
         if &actual != expected {
             return Err(BlobError::DigestMismatch {
@@ -337,10 +381,7 @@ impl BlobStore {
             });
         }
         let chunks = crate::chunker::chunk_all(bytes);
-        let tmp = self
-            .root
-            .join("uploads")
-            .join(format!(".put-{}", expected.hex()));
+        let tmp = self.root.join("uploads").join(format!(".put-{tmp_id}"));
         let mut f = File::create(&tmp).at(&tmp)?;
         f.write_all(bytes).at(&tmp)?;
         f.sync_data().at(&tmp)?;
@@ -357,15 +398,8 @@ impl BlobStore {
         let final_path = self.blob_path(d);
         let parent = final_path.parent().expect("blob path has a parent");
         fs::create_dir_all(parent).at(parent)?;
-        // The chunk index first: a blob file present implies its index is.
-        let cp = self.chunks_path(d);
-        let mut ctmp = cp.clone().into_os_string();
-        ctmp.push(".tmp");
-        let ctmp = PathBuf::from(ctmp);
-        let mut f = File::create(&ctmp).at(&ctmp)?;
-        f.write_all(&keys::encode(&chunks.to_vec())).at(&ctmp)?;
-        f.sync_data().at(&ctmp)?;
-        fs::rename(&ctmp, &cp).at(&cp)?;
+        // The chunk index first (unsynced: `chunk_index` rebuilds a torn one from the blob).
+        write_file(&self.chunks_path(d), &keys::encode(&chunks.to_vec()), false)?;
         fs::rename(file, &final_path).at(&final_path)?;
         fsync_dir(parent)?;
         Ok(())
@@ -437,6 +471,10 @@ impl UploadWriter {
     pub fn checkpoint(&mut self, now_ms: u64) -> Result<(), BlobError> {
         let data = self.dir.join("data");
         self.file.sync_data().at(&data)?;
+        self.write_state(now_ms, true)
+    }
+
+    fn write_state(&mut self, now_ms: u64, sync: bool) -> Result<(), BlobError> {
         self.updated_ms = now_ms;
         let st = UploadState {
             meta: self.meta.clone(),
@@ -445,14 +483,7 @@ impl UploadWriter {
             chunks: self.chunker.chunks().to_vec(),
             updated_ms: now_ms,
         };
-        let tmp = self.dir.join("state.tmp");
-        let mut f = File::create(&tmp).at(&tmp)?;
-        f.write_all(&keys::encode(&st)).at(&tmp)?;
-        f.sync_data().at(&tmp)?;
-        let path = self.dir.join("state");
-        fs::rename(&tmp, &path).at(&path)?;
-        fsync_dir(&self.dir)?;
-        Ok(())
+        write_file(&self.dir.join("state"), &keys::encode(&st), sync)
     }
 
     /// Verifies the bytes against `expected` and commits them as a blob of `store`. On a
@@ -554,7 +585,7 @@ mod tests {
         ));
         assert!(store.blob_len(&wrong).is_none());
         assert!(store.blob_len(&Digest::sha256_of(b"hello")).is_none());
-        assert!(store.put_blob(&wrong, b"hello").is_err());
+        assert!(store.put_blob(&wrong, b"hello", "t").is_err());
         assert!(store.blob_len(&wrong).is_none());
     }
 
@@ -591,9 +622,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let d = Digest::sha256_of(b"x");
-        store.put_blob(&d, b"x").unwrap();
-        store.put_blob(&d, b"x").unwrap();
+        store.put_blob(&d, b"x", "t1").unwrap();
+        store.put_blob(&d, b"x", "t2").unwrap();
         assert_eq!(store.blob_len(&d), Some(1));
+        // A torn chunk index is rebuilt from the blob.
+        fs::write(store.chunks_path(&d), b"torn").unwrap();
+        assert_eq!(
+            store.chunk_index(&d).unwrap(),
+            crate::chunker::chunk_all(b"x")
+        );
         store.remove_blob(&d).unwrap();
         assert_eq!(store.blob_len(&d), None);
     }

@@ -45,7 +45,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub node: NodeSection,
@@ -111,17 +111,6 @@ impl Default for RaftSection {
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
             snapshot_logs_since_last: 10_000,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            node: NodeSection::default(),
-            http: HttpSection::default(),
-            raft: RaftSection::default(),
-            limits: Limits::default(),
         }
     }
 }

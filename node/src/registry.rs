@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use engine::blob_store::{BlobError, BlobStore, UploadMeta, UploadWriter};
+use engine::blob_store::{BlobError, BlobStore, StoredBlob, UploadMeta, UploadWriter};
 use engine::keys::ReferrerRecord;
 use engine::kv::{KvStore, RocksKv};
 use engine::state::{Command, Outcome, State, StateError};
@@ -238,6 +238,29 @@ impl NodeRegistry {
         }
     }
 
+    /// Commits a blob whose bytes are durable in the local store.
+    async fn commit_blob(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        stored: StoredBlob,
+    ) -> Result<(), ApiError> {
+        match self
+            .propose(Command::BlobCommitted {
+                account,
+                repo: repo.clone(),
+                digest: stored.digest,
+                size_bytes: stored.size_bytes,
+                holders: vec![self.node_id],
+                now_ms: now_ms(),
+            })
+            .await?
+        {
+            Outcome::Done => Ok(()),
+            o => Err(outcome_err(o)),
+        }
+    }
+
     fn blob_linked(
         &self,
         account: AccountId,
@@ -374,6 +397,42 @@ impl Registry for NodeRegistry {
         }
     }
 
+    async fn blob_put(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+        mut body: BodyStream,
+    ) -> RegistryResult<()> {
+        // Small bodies (config blobs, most small layers) are stored in one blocking step; a
+        // body that outgrows the buffer continues as an upload session.
+        let mut buf: Vec<u8> = Vec::new();
+        let mut rest_of_body = None;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::BlobUploadInvalid(format!("request body ended early: {e}"))
+            })?;
+            buf.extend_from_slice(&chunk);
+            if buf.len() >= WRITE_BUFFER_BYTES {
+                rest_of_body = Some(body);
+                break;
+            }
+        }
+        if let Some(rest) = rest_of_body {
+            let head: BodyStream = Box::pin(
+                futures_util::stream::once(async move { Ok(Bytes::from(buf)) }).chain(rest),
+            );
+            let s = self.upload_start(account, repo).await?;
+            return self.upload_finish(account, repo, &s.id, digest, head).await;
+        }
+        let store = self.blobs.clone();
+        let expected = digest.clone();
+        let tmp_id = uuid::Uuid::new_v4().simple().to_string();
+        let stored =
+            blocking(move || store.put_blob(&expected, &buf, &tmp_id).map_err(blob_err)).await?;
+        self.commit_blob(account, repo, stored).await
+    }
+
     async fn upload_start(
         &self,
         account: AccountId,
@@ -495,21 +554,7 @@ impl Registry for NodeRegistry {
         let finished = blocking(move || w.finish(&expected, &store).map_err(blob_err)).await;
         drop(guard);
         self.forget(id);
-        let stored = finished?;
-        match self
-            .propose(Command::BlobCommitted {
-                account,
-                repo: repo.clone(),
-                digest: stored.digest,
-                size_bytes: stored.size_bytes,
-                holders: vec![self.node_id],
-                now_ms: now_ms(),
-            })
-            .await?
-        {
-            Outcome::Done => Ok(()),
-            o => Err(outcome_err(o)),
-        }
+        self.commit_blob(account, repo, finished?).await
     }
 
     async fn upload_cancel(

@@ -89,6 +89,15 @@ pub trait Registry: Send + Sync + 'static {
         digest: &Digest,
     ) -> impl Future<Output = RegistryResult<bool>> + Send;
 
+    /// Stores a whole blob sent in one request (monolithic upload) and commits it.
+    fn blob_put(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+        body: BodyStream,
+    ) -> impl Future<Output = RegistryResult<()>> + Send;
+
     fn upload_start(
         &self,
         account: AccountId,

@@ -2,9 +2,9 @@
 //! `KvStore` seam, and builds and installs snapshots.
 //!
 //! Each entry's effects and the applied log id are one atomic batch, so a crash between
-//! entries leaves the state at an entry boundary, and the applied id says which; the last
-//! batch of an `apply` call is synced, which makes every earlier one durable too, before the
-//! proposers are answered.
+//! entries leaves the state at an entry boundary, and the applied id says which. Batches are
+//! not synced: every applied entry is durable in the Raft log before it is applied, and
+//! whatever a crash takes from the state machine is re-applied from the log on restart.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -147,8 +147,7 @@ impl<S: KvStore> RaftStateMachine<TypeConfig> for StateMachine<S> {
         let entries: Vec<_> = entries.into_iter().collect();
         let (mut last_applied, _) = self.applied()?;
         let mut out = Vec::with_capacity(entries.len());
-        let count = entries.len();
-        for (i, entry) in entries.into_iter().enumerate() {
+        for entry in entries {
             if let Some(prev) = last_applied {
                 assert!(
                     entry.log_id.index == prev.index + 1,
@@ -177,9 +176,11 @@ impl<S: KvStore> RaftStateMachine<TypeConfig> for StateMachine<S> {
                 keys::SM_LAST_APPLIED.to_vec(),
                 to_bytes(&Some(entry.log_id)),
             );
-            let sync = i + 1 == count;
+            // Not synced: the entry is already durable in the Raft log (same WAL, written
+            // first), and an apply lost to a crash is replayed from it with the same result,
+            // since the applied id is lost with it.
             self.kv
-                .write(batch, sync)
+                .write(batch, false)
                 .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
             last_applied = Some(entry.log_id);
             out.push(resp);

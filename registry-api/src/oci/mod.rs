@@ -98,15 +98,12 @@ pub(crate) fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str
 pub(crate) fn body_stream<R>(st: &ApiState<R>, body: Body) -> BodyStream {
     let metrics = st.metrics.clone();
     Box::pin(body.into_data_stream().map(move |r| {
-        r.map(|b| {
-            metrics.add_bytes_in(b.len() as u64);
-            b
-        })
-        .map_err(std::io::Error::other)
+        r.inspect(|b| metrics.add_bytes_in(b.len() as u64))
+            .map_err(std::io::Error::other)
     }))
 }
 
-pub(crate) fn header_str<'a>(h: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
+pub(crate) fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 

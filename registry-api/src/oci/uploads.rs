@@ -87,11 +87,8 @@ pub(super) async fn start<R: Registry>(
     }
     if let Some(digest) = digest_param(&q)? {
         check_length(st, parts)?;
-        let s = st.registry.upload_start(account, repo).await?;
         let body = body_stream(st, body);
-        st.registry
-            .upload_finish(account, repo, &s.id, &digest, body)
-            .await?;
+        st.registry.blob_put(account, repo, &digest, body).await?;
         return Ok(created(repo, &digest));
     }
     let s = st.registry.upload_start(account, repo).await?;
