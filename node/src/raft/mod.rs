@@ -56,3 +56,50 @@ pub(crate) fn to_bytes<T: Serialize>(v: &T) -> Vec<u8> {
 pub(crate) fn from_bytes<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, bincode::Error> {
     bincode::deserialize(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use engine::kv::{MemKv, RocksKv};
+    use openraft::testing::{StoreBuilder, Suite};
+
+    use super::log_store::LogStore;
+    use super::state_machine::StateMachine;
+    use super::{StorageError, TypeConfig};
+
+    struct RocksBuilder;
+
+    impl StoreBuilder<TypeConfig, LogStore<RocksKv>, StateMachine<RocksKv>, tempfile::TempDir>
+        for RocksBuilder
+    {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore<RocksKv>, StateMachine<RocksKv>), StorageError>
+        {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let kv = Arc::new(RocksKv::open(dir.path()).expect("open rocksdb"));
+            Ok((dir, LogStore::new(kv.clone()), StateMachine::new(kv)))
+        }
+    }
+
+    struct MemBuilder;
+
+    impl StoreBuilder<TypeConfig, LogStore<MemKv>, StateMachine<MemKv>> for MemBuilder {
+        async fn build(&self) -> Result<((), LogStore<MemKv>, StateMachine<MemKv>), StorageError> {
+            let kv = Arc::new(MemKv::new());
+            Ok(((), LogStore::new(kv.clone()), StateMachine::new(kv)))
+        }
+    }
+
+    /// openraft's own conformance suite for log storage and state machines.
+    #[test]
+    fn openraft_storage_suite_on_rocksdb() -> Result<(), StorageError> {
+        Suite::test_all(RocksBuilder)
+    }
+
+    #[test]
+    fn openraft_storage_suite_on_memkv() -> Result<(), StorageError> {
+        Suite::test_all(MemBuilder)
+    }
+}
