@@ -33,6 +33,10 @@ pub enum ConfigError {
     Account(String),
     #[error("node.id must be at least 1")]
     NodeId,
+    #[error("cluster.quic_listen {0:?} is not a socket address (host:port)")]
+    QuicListen(String),
+    #[error("cluster.quic_listen is set but cluster.certs_dir is empty")]
+    NoCerts,
     #[error(
         "raft timings: need heartbeat_interval_ms ({heartbeat}) < election_timeout_min_ms ({min}) < election_timeout_max_ms ({max})"
     )]
@@ -51,7 +55,31 @@ pub struct Config {
     pub node: NodeSection,
     pub http: HttpSection,
     pub raft: RaftSection,
+    pub cluster: ClusterSection,
     pub limits: Limits,
+}
+
+/// Peer traffic. Empty `quic_listen`: a single node with no peers (the embedded default).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// QUIC address for Raft and blob traffic between the region's nodes.
+    pub quic_listen: String,
+    /// Directory with `ca.pem` and this node's `node-<id>.pem`/`.key` (`portolan cluster init`).
+    pub certs_dir: PathBuf,
+    /// On first start: true founds a new region with this node as its only member; false
+    /// waits to be added by `portolan cluster join`.
+    pub bootstrap: bool,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            quic_listen: String::new(),
+            certs_dir: PathBuf::new(),
+            bootstrap: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +110,8 @@ pub struct RaftSection {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and compact the log) after this many entries.
     pub snapshot_logs_since_last: u64,
+    /// How long a joining node may take to catch up as a learner before the join fails.
+    pub learner_catch_up_ms: u64,
 }
 
 impl Default for NodeSection {
@@ -111,6 +141,7 @@ impl Default for RaftSection {
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
             snapshot_logs_since_last: 10_000,
+            learner_catch_up_ms: 60_000,
         }
     }
 }
@@ -140,6 +171,12 @@ impl Config {
             return Err(ConfigError::Region(r.clone()));
         }
         self.account()?;
+        if !self.cluster.quic_listen.is_empty() {
+            self.quic_addr()?;
+            if self.cluster.certs_dir.as_os_str().is_empty() {
+                return Err(ConfigError::NoCerts);
+            }
+        }
         if self.node.id == 0 {
             return Err(ConfigError::NodeId);
         }
@@ -181,6 +218,14 @@ impl Config {
             .listen
             .parse()
             .map_err(|_| ConfigError::Listen(self.http.listen.clone()))
+    }
+
+    /// The QUIC address, when peer traffic is configured.
+    pub fn quic_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.cluster
+            .quic_listen
+            .parse()
+            .map_err(|_| ConfigError::QuicListen(self.cluster.quic_listen.clone()))
     }
 
     pub fn account(&self) -> Result<AccountId, ConfigError> {

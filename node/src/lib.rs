@@ -1,11 +1,15 @@
 //! The `portolan` node: configuration, the region's Raft group on RocksDB, the registry behind
 //! the HTTP API, metrics, and the server lifecycle.
 
+pub mod admin_client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
+pub mod peer;
 pub mod raft;
 pub mod registry;
 pub mod server;
+pub mod transport;
 
 pub use config::Config;
 pub use server::Node;

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use portolan_node::cluster::certs;
 use portolan_node::config::{Config, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_REGION};
-use portolan_node::Node;
+use portolan_node::{admin_client, Node};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +30,56 @@ enum Cmd {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Certificates and membership of a region.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Create a cluster CA and certificates for nodes 1..=N in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of node certificates to issue (ids 1..=N).
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long, default_value = "portolan")]
+        name: String,
+    },
+    /// Issue a certificate for one more node with the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node_id: u64,
+    },
+    /// Add a started node (serving with `--join`) to the region of the node at URL.
+    Join {
+        /// Any member of the region, http://host:port.
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        id: u64,
+        /// The joining node's HTTP address (host:port).
+        #[arg(long)]
+        http: String,
+        /// The joining node's QUIC address (host:port).
+        #[arg(long)]
+        quic: String,
+    },
+    /// Remove node ID from the region of the node at URL.
+    Leave {
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        id: u64,
+    },
+    /// Print a node's view of its region.
+    Status {
+        #[arg(long)]
+        node: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -48,6 +99,15 @@ struct ServeArgs {
     /// This node's id within its region [default: 1].
     #[arg(long)]
     node_id: Option<u64>,
+    /// QUIC address for peer traffic; enables a multi-node region.
+    #[arg(long)]
+    quic_listen: Option<String>,
+    /// Directory with the cluster CA and this node's certificate.
+    #[arg(long)]
+    certs_dir: Option<PathBuf>,
+    /// Do not found a region on first start: wait for `portolan cluster join`.
+    #[arg(long)]
+    join: bool,
 }
 
 fn main() -> Result<()> {
@@ -71,6 +131,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Cluster(c) => cluster(c),
         Cmd::Serve(args) => {
             let mut config = match &args.config {
                 Some(f) => Config::from_file(f)?,
@@ -88,6 +149,15 @@ fn main() -> Result<()> {
             if let Some(id) = args.node_id {
                 config.node.id = id;
             }
+            if let Some(q) = args.quic_listen {
+                config.cluster.quic_listen = q;
+            }
+            if let Some(d) = args.certs_dir {
+                config.cluster.certs_dir = d;
+            }
+            if args.join {
+                config.cluster.bootstrap = false;
+            }
             let config = config.validate()?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -95,6 +165,89 @@ fn main() -> Result<()> {
                 .context("start runtime")?;
             rt.block_on(serve(config))
         }
+    }
+}
+
+fn cluster(cmd: ClusterCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start runtime")?;
+    match cmd {
+        ClusterCmd::Init { dir, nodes, name } => {
+            let ids: Vec<u64> = (1..=nodes).collect();
+            certs::init(&dir, &name, &ids)?;
+            println!(
+                "cluster CA and {nodes} node certificate(s) written to {}",
+                dir.display()
+            );
+            Ok(())
+        }
+        ClusterCmd::Issue { dir, node_id } => {
+            certs::issue(&dir, node_id)?;
+            println!(
+                "certificate for node {node_id} written to {}",
+                dir.display()
+            );
+            Ok(())
+        }
+        ClusterCmd::Join {
+            node,
+            id,
+            http,
+            quic,
+        } => rt.block_on(async {
+            let body = serde_json::json!({ "node_id": id, "http": http, "quic": quic }).to_string();
+            let (status, text) =
+                admin_client::request(&node, "POST", "/_portolan/v1/cluster/members", Some(&body))
+                    .await?;
+            if status != 200 {
+                anyhow::bail!("join refused ({status}): {text}");
+            }
+            println!("node {id} is a voter of the region");
+            Ok(())
+        }),
+        ClusterCmd::Leave { node, id } => rt.block_on(async {
+            let (status, text) = admin_client::request(
+                &node,
+                "DELETE",
+                &format!("/_portolan/v1/cluster/members/{id}"),
+                None,
+            )
+            .await?;
+            if status != 200 {
+                anyhow::bail!("leave refused ({status}): {text}");
+            }
+            println!("node {id} removed from the region");
+            Ok(())
+        }),
+        ClusterCmd::Status { node } => rt.block_on(async {
+            let (status, text) =
+                admin_client::request(&node, "GET", "/_portolan/v1/status", None).await?;
+            if status != 200 {
+                anyhow::bail!("status answered {status}: {text}");
+            }
+            let v: serde_json::Value = serde_json::from_str(&text).context("parse status")?;
+            println!(
+                "node {}  region {}  role {}  leader {}  term {}  applied {}",
+                v["node_id"],
+                v["region"],
+                v["raft_role"],
+                v["leader_id"],
+                v["current_term"],
+                v["last_applied_index"]
+            );
+            println!("{:>6}  {:<22}  {:<22}", "member", "http", "quic");
+            for m in v["members"].as_array().into_iter().flatten() {
+                println!(
+                    "{:>6}  {:<22}  {:<22}",
+                    m["id"],
+                    m["http"].as_str().unwrap_or(""),
+                    m["quic"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }),
     }
 }
 

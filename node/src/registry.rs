@@ -22,7 +22,10 @@ use registry_api::{
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::clock::now_ms;
-use crate::raft::{Raft, Request, Response};
+use crate::cluster::placement;
+use crate::raft::{NodeInfo, Raft, Request, Response};
+use crate::transport::quic::QuicTransport;
+use crate::transport::{BlobReader, PeerRequest, PeerResponse, Transport};
 
 /// Bytes gathered from a request body before they are handed to the disk in one write.
 const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
@@ -38,6 +41,8 @@ pub struct NodeRegistry {
     /// Open sessions by id; bounded by `limits.uploads_open_max`.
     sessions: std::sync::Mutex<HashMap<String, Session>>,
     proposals: Semaphore,
+    /// Peer transport; `None` for a single node without peers.
+    peers: Option<Arc<QuicTransport>>,
 }
 
 fn internal<E: std::fmt::Display>(e: E) -> ApiError {
@@ -60,6 +65,18 @@ fn blob_err(e: BlobError) -> ApiError {
     }
 }
 
+/// A committed blob file as bytes, without reading it into memory.
+fn map_file(file: &std::fs::File) -> Result<Bytes, ApiError> {
+    if file.metadata().map_err(internal)?.len() == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: blob files are immutable once renamed into place (written to a temporary name,
+    // fsynced, renamed) and are only ever unlinked, never truncated or rewritten, so the
+    // mapping cannot change under the reader.
+    let map = unsafe { memmap2::Mmap::map(file) }.map_err(internal)?;
+    Ok(Bytes::from_owner(map))
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -73,6 +90,7 @@ impl NodeRegistry {
         kv: Arc<RocksKv>,
         blobs: BlobStore,
         limits: Limits,
+        peers: Option<Arc<QuicTransport>>,
     ) -> Self {
         let proposals = Semaphore::new(limits.raft_proposals_max as usize);
         NodeRegistry {
@@ -81,6 +99,7 @@ impl NodeRegistry {
             kv,
             blobs,
             limits,
+            peers,
             sessions: std::sync::Mutex::new(HashMap::new()),
             proposals,
         }
@@ -105,20 +124,196 @@ impl NodeRegistry {
             .try_acquire()
             .map_err(|_| ApiError::TooManyRequests("too many metadata writes queued".into()))?;
         let name = cmd.name();
-        let resp = self
-            .raft
-            .client_write(Request::V1(cmd))
-            .await
-            .map_err(|e| {
-                tracing::warn!(command = name, error = %e, "raft write failed");
-                ApiError::Unavailable(format!("metadata write not committed: {e}"))
-            })?;
-        match resp.data {
+        let resp = match self.write(Request::V1(cmd)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(command = name, error = %e, "metadata write failed");
+                return Err(e);
+            }
+        };
+        match resp {
             Response::Outcome(o) => Ok(o),
             Response::None => Err(ApiError::Internal(
                 "normal entry applied without an outcome".into(),
             )),
         }
+    }
+
+    /// Commits `req` through the leader: locally when this node leads, else forwarded. Only
+    /// an applied entry's response is returned; every failure is an error (never success).
+    pub async fn write(&self, req: Request) -> Result<Response, ApiError> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            ApiError::Unavailable(format!("metadata write not committed: {e}"))
+        };
+        match self.raft.client_write(req.clone()).await {
+            Ok(r) => Ok(r.data),
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::ClientWriteError::ForwardToLeader(f),
+            )) => {
+                let (Some(leader), Some(node), Some(peers)) =
+                    (f.leader_id, f.leader_node, self.peers.as_ref())
+                else {
+                    return Err(ApiError::Unavailable(
+                        "no leader in this region right now".into(),
+                    ));
+                };
+                match peers
+                    .call(leader, &node, PeerRequest::ClientWrite(req))
+                    .await
+                {
+                    Ok(PeerResponse::ClientWrite(r)) => Ok(r),
+                    Ok(PeerResponse::Refused(why)) => Err(ApiError::Unavailable(format!(
+                        "leader {leader} refused the write: {why}"
+                    ))),
+                    Ok(other) => Err(unavailable(&format!("unexpected answer {other:?}"))),
+                    Err(e) => Err(unavailable(&e)),
+                }
+            }
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
+    /// Voters and learners of the region, from the latest membership this node knows.
+    pub fn members(&self) -> Vec<(u64, NodeInfo)> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.clone()))
+            .collect()
+    }
+
+    /// Sends the blob to the other replicas rendezvous hashing picks and waits for a write
+    /// quorum of durable copies (this node's included); returns the holders.
+    async fn replicate(&self, digest: &Digest) -> Result<Vec<u64>, ApiError> {
+        let Some(peers) = self.peers.as_ref() else {
+            return Ok(vec![self.node_id]);
+        };
+        let members = self.members();
+        let ids: Vec<u64> = members.iter().map(|(id, _)| *id).collect();
+        let targets = placement::holders(&ids, digest);
+        let quorum = placement::write_quorum(targets.len());
+        let bytes = self.local_blob_bytes(digest).await?.ok_or_else(|| {
+            ApiError::Internal(format!("blob {digest} vanished before replication"))
+        })?;
+        let sends = targets
+            .iter()
+            .filter(|t| **t != self.node_id)
+            .filter_map(|t| members.iter().find(|(id, _)| id == t))
+            .map(|(id, info)| {
+                let bytes = bytes.clone();
+                async move { (*id, peers.put_blob(*id, info, digest, bytes).await) }
+            });
+        let mut holders = vec![self.node_id];
+        for (id, r) in futures_util::future::join_all(sends).await {
+            match r {
+                Ok(()) => holders.push(id),
+                Err(e) => tracing::warn!(peer = id, %digest, error = %e, "replica write failed"),
+            }
+        }
+        if holders.len() < quorum {
+            return Err(ApiError::Unavailable(format!(
+                "blob {digest} is durable on {} node(s), the write quorum is {quorum}",
+                holders.len()
+            )));
+        }
+        holders.sort_unstable();
+        Ok(holders)
+    }
+
+    /// A committed blob's bytes from this node's store (a memory map), if it holds them.
+    pub async fn local_blob_bytes(&self, digest: &Digest) -> Result<Option<Bytes>, ApiError> {
+        let store = self.blobs.clone();
+        let digest = digest.clone();
+        blocking(move || match store.open_blob(&digest) {
+            Ok(file) => map_file(&file).map(Some),
+            Err(BlobError::BlobUnknown(_)) => Ok(None),
+            Err(e) => Err(blob_err(e)),
+        })
+        .await
+    }
+
+    /// Stores a replica sent by a peer: streamed to disk, verified, fsynced.
+    pub async fn store_replica(
+        &self,
+        digest: Digest,
+        size_bytes: u64,
+        body: BlobReader,
+    ) -> Result<(), ApiError> {
+        if size_bytes > self.limits.blob_bytes_max {
+            return Err(ApiError::TooLarge {
+                what: "blob",
+                size_bytes,
+                limit_bytes: self.limits.blob_bytes_max,
+            });
+        }
+        if self.blobs.blob_len(&digest) == Some(size_bytes) {
+            return Ok(());
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let store = self.blobs.clone();
+        let meta = UploadMeta {
+            account: AccountId::DEFAULT,
+            repo: RepoName::parse("replica").expect("constant name is valid"),
+            created_ms: now_ms(),
+        };
+        let now = meta.created_ms;
+        let id2 = id.clone();
+        let w = blocking(move || store.create_upload(&id2, meta, now).map_err(blob_err)).await?;
+        let stream: BodyStream = Box::pin(tokio_util::io::ReaderStream::with_capacity(
+            body,
+            WRITE_BUFFER_BYTES,
+        ));
+        let (w, r) = self.append(w, stream).await;
+        if let Err(e) = r {
+            let store = self.blobs.clone();
+            let _ = blocking(move || store.delete_upload(&id).map_err(blob_err)).await;
+            return Err(e);
+        }
+        if w.offset() != size_bytes {
+            let store = self.blobs.clone();
+            let _ = blocking(move || store.delete_upload(&id).map_err(blob_err)).await;
+            return Err(ApiError::BlobUploadInvalid(format!(
+                "replica of {digest} ended at {} of {size_bytes} bytes",
+                w.offset()
+            )));
+        }
+        let store = self.blobs.clone();
+        blocking(move || w.finish(&digest, &store).map_err(blob_err)).await?;
+        Ok(())
+    }
+
+    /// Fetches a blob this node lacks from one of its holders into the local store.
+    async fn fetch_from_holders(&self, digest: &Digest) -> Result<(), ApiError> {
+        let Some(peers) = self.peers.as_ref() else {
+            return Err(ApiError::Internal(format!(
+                "blob {digest} is committed but not on this node's disk"
+            )));
+        };
+        let rec = self
+            .state()
+            .blob(digest)
+            .map_err(state_err)?
+            .ok_or_else(|| ApiError::BlobUnknown(digest.clone()))?;
+        let members = self.members();
+        let mut last_err = String::from("no holder is a member");
+        for h in rec.holders.iter().filter(|h| **h != self.node_id) {
+            let Some((_, info)) = members.iter().find(|(id, _)| id == h) else {
+                continue;
+            };
+            match peers.get_blob(*h, info, digest).await {
+                Ok(Some((size, reader))) => {
+                    match self.store_replica(digest.clone(), size, reader).await {
+                        Ok(()) => return Ok(()),
+                        Err(e) => last_err = e.to_string(),
+                    }
+                }
+                Ok(None) => last_err = format!("holder {h} does not have it"),
+                Err(e) => last_err = e.to_string(),
+            }
+        }
+        Err(ApiError::Unavailable(format!(
+            "blob {digest} is not on this node and no holder could send it: {last_err}"
+        )))
     }
 
     fn session(&self, id: &str) -> Result<Session, ApiError> {
@@ -245,13 +440,14 @@ impl NodeRegistry {
         repo: &RepoName,
         stored: StoredBlob,
     ) -> Result<(), ApiError> {
+        let holders = self.replicate(&stored.digest).await?;
         match self
             .propose(Command::BlobCommitted {
                 account,
                 repo: repo.clone(),
                 digest: stored.digest,
                 size_bytes: stored.size_bytes,
-                holders: vec![self.node_id],
+                holders,
                 now_ms: now_ms(),
             })
             .await?
@@ -326,7 +522,14 @@ impl Registry for NodeRegistry {
         let size = self
             .blob_linked(account, repo, digest)?
             .ok_or_else(|| ApiError::BlobUnknown(digest.clone()))?;
-        let file = self.blobs.open_blob(digest).map_err(blob_err)?;
+        let file = match self.blobs.open_blob(digest) {
+            Ok(f) => f,
+            Err(BlobError::BlobUnknown(_)) => {
+                self.fetch_from_holders(digest).await?;
+                self.blobs.open_blob(digest).map_err(blob_err)?
+            }
+            Err(e) => return Err(blob_err(e)),
+        };
         let len = file.metadata().map_err(internal)?.len();
         if len != size {
             return Err(ApiError::Internal(format!(
@@ -339,13 +542,9 @@ impl Registry for NodeRegistry {
                 bytes: Bytes::new(),
             });
         }
-        // SAFETY: blob files are immutable once renamed into place (written to a temporary
-        // name, fsynced, renamed) and are only ever unlinked, never truncated or rewritten, so
-        // the mapping cannot change under the reader.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(internal)?;
         Ok(BlobContent {
             size_bytes: size,
-            bytes: Bytes::from_owner(map),
+            bytes: map_file(&file)?,
         })
     }
 

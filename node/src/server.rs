@@ -16,16 +16,17 @@ use axum::serve::ListenerExt;
 use axum::Router;
 use engine::blob_store::BlobStore;
 use engine::kv::RocksKv;
-use openraft::BasicNode;
 use registry_api::HttpMetrics;
 
 use crate::clock::now_ms;
 use crate::config::Config;
+use crate::peer::NodePeer;
 use crate::raft::log_store::LogStore;
-use crate::raft::network::LocalNetwork;
+use crate::raft::network::{LocalNetwork, PeerNetwork};
 use crate::raft::state_machine::StateMachine;
-use crate::raft::Raft;
+use crate::raft::{NodeInfo, Raft};
 use crate::registry::{expire_uploads, NodeRegistry};
+use crate::transport::quic::{NodeTls, QuicTransport};
 
 /// How often abandoned upload sessions are looked for.
 const UPLOAD_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
@@ -40,6 +41,10 @@ pub struct Node {
     pub raft: Raft,
     pub registry: Arc<NodeRegistry>,
     pub metrics: Arc<HttpMetrics>,
+    listener: Option<tokio::net::TcpListener>,
+    transport: Option<Arc<QuicTransport>>,
+    /// How peers and clients reach this node.
+    pub self_info: NodeInfo,
 }
 
 impl Node {
@@ -51,6 +56,13 @@ impl Node {
             .with_context(|| format!("create data dir {}", data.display()))?;
         let kv = Arc::new(RocksKv::open(&data.join("meta")).context("open metadata db")?);
         let blobs = BlobStore::open(&data.join("store")).context("open blob store")?;
+
+        // Bind HTTP first: the membership records the address clients and peers really reach.
+        let addr = config.listen_addr()?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind {addr}"))?;
+        let http_addr = listener.local_addr().context("read bound address")?;
 
         let rc = openraft::Config {
             cluster_name: format!("portolan-{}", config.node.region),
@@ -65,39 +77,67 @@ impl Node {
         };
         let rc = Arc::new(rc.validate().context("validate raft config")?);
         let node_id = config.node.id;
-        let raft = Raft::new(
-            node_id,
-            rc,
-            LocalNetwork,
-            LogStore::new(kv.clone()),
-            StateMachine::new(kv.clone()),
-        )
-        .await
-        .context("start raft")?;
-        if !raft.is_initialized().await.context("read raft state")? {
+        let log = LogStore::new(kv.clone());
+        let sm = StateMachine::new(kv.clone());
+        let catch_up = Duration::from_millis(config.raft.learner_catch_up_ms);
+        let peer_handler = Arc::new(NodePeer::new(catch_up));
+        let (raft, transport, quic_addr) = if config.cluster.quic_listen.is_empty() {
+            let raft = Raft::new(node_id, rc, LocalNetwork, log, sm)
+                .await
+                .context("start raft")?;
+            (raft, None, String::new())
+        } else {
+            let tls = NodeTls::load(&config.cluster.certs_dir, node_id)
+                .context("load cluster certificates")?;
+            let t = QuicTransport::start(config.quic_addr()?, &tls, peer_handler.clone())
+                .context("start quic endpoint")?;
+            let quic_addr = t.local_addr().context("read quic address")?.to_string();
+            let net = PeerNetwork {
+                transport: t.clone(),
+            };
+            let raft = Raft::new(node_id, rc, net, log, sm)
+                .await
+                .context("start raft")?;
+            (raft, Some(t), quic_addr)
+        };
+        let self_info = NodeInfo {
+            http: http_addr.to_string(),
+            quic: quic_addr,
+        };
+        let initialized = raft.is_initialized().await.context("read raft state")?;
+        if !initialized && config.cluster.bootstrap {
             let mut members = BTreeMap::new();
-            members.insert(node_id, BasicNode::new(config.http.listen.clone()));
+            members.insert(node_id, self_info.clone());
             raft.initialize(members)
                 .await
-                .context("bootstrap single-node raft group")?;
+                .context("bootstrap raft group")?;
             tracing::info!(node = node_id, region = %config.node.region, "bootstrapped raft group");
         }
-        raft.wait(Some(LEADER_WAIT))
-            .metrics(|m| m.current_leader.is_some(), "leader elected")
-            .await
-            .context("wait for a raft leader")?;
+        if initialized || config.cluster.bootstrap {
+            raft.wait(Some(LEADER_WAIT))
+                .metrics(|m| m.current_leader.is_some(), "leader elected")
+                .await
+                .context("wait for a raft leader")?;
+        } else {
+            tracing::info!(node = node_id, %self_info, "waiting to be added to a region (portolan cluster join)");
+        }
         let registry = Arc::new(NodeRegistry::new(
             node_id,
             raft.clone(),
             kv,
             blobs,
             config.limits.clone(),
+            transport.clone(),
         ));
+        peer_handler.attach(raft.clone(), registry.clone());
         Ok(Node {
             config,
             raft,
             registry,
             metrics: Arc::new(HttpMetrics::default()),
+            listener: Some(listener),
+            transport,
+            self_info,
         })
     }
 
@@ -105,6 +145,9 @@ impl Node {
     pub fn router(&self) -> Router {
         let status_state = StatusState {
             raft: self.raft.clone(),
+            catch_up: Duration::from_millis(self.config.raft.learner_catch_up_ms),
+            self_info: self.self_info.clone(),
+            transport: self.transport.clone(),
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             region: self.config.node.region.clone(),
@@ -112,6 +155,14 @@ impl Node {
         let admin = Router::new()
             .route("/metrics", get(metrics))
             .route("/_portolan/v1/status", get(status))
+            .route(
+                "/_portolan/v1/cluster/members",
+                axum::routing::post(add_member),
+            )
+            .route(
+                "/_portolan/v1/cluster/members/{id}",
+                axum::routing::delete(remove_member),
+            )
             .with_state(Arc::new(status_state));
         admin.merge(registry_api::router(
             self.registry.clone(),
@@ -122,14 +173,11 @@ impl Node {
     /// Serves until `shutdown` resolves, then lets in-flight requests finish for up to
     /// `http.shutdown_grace_ms` and stops Raft. `on_listen` learns the bound address.
     pub async fn serve(
-        self,
+        mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
         on_listen: impl FnOnce(SocketAddr),
     ) -> Result<()> {
-        let addr = self.config.listen_addr()?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("bind {addr}"))?;
+        let listener = self.listener.take().context("node is already serving")?;
         let local = listener.local_addr().context("read bound address")?;
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
@@ -180,6 +228,9 @@ impl Node {
         }
         expiry.abort();
         self.raft.shutdown().await.ok();
+        if let Some(t) = &self.transport {
+            t.close();
+        }
         tracing::info!("stopped");
         Ok(())
     }
@@ -187,6 +238,9 @@ impl Node {
 
 struct StatusState {
     raft: Raft,
+    catch_up: Duration,
+    self_info: NodeInfo,
+    transport: Option<Arc<QuicTransport>>,
     registry: Arc<NodeRegistry>,
     metrics: Arc<HttpMetrics>,
     region: String,
@@ -198,10 +252,11 @@ async fn status(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
         .membership_config
         .membership()
         .nodes()
-        .map(|(id, n)| serde_json::json!({ "id": id, "addr": n.addr }))
+        .map(|(id, n)| serde_json::json!({ "id": id, "http": n.http, "quic": n.quic }))
         .collect();
     let body = serde_json::json!({
         "node_id": st.registry.node_id,
+        "self": { "http": st.self_info.http, "quic": st.self_info.quic },
         "region": st.region,
         "raft_role": format!("{:?}", m.state),
         "leader_id": m.current_leader,
@@ -257,4 +312,110 @@ async fn metrics(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
         st.registry.open_sessions() as u64,
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// `POST /_portolan/v1/cluster/members` body.
+#[derive(serde::Deserialize)]
+struct AddMemberBody {
+    node_id: u64,
+    http: String,
+    quic: String,
+}
+
+fn admin_error(status: axum::http::StatusCode, msg: String) -> axum::response::Response {
+    let body = serde_json::json!({ "errors": [{ "code": "UNAVAILABLE", "message": msg }] });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Runs a membership change on the leader: here when this node leads, else forwarded.
+async fn membership_change(
+    st: &StatusState,
+    req: crate::transport::PeerRequest,
+) -> axum::response::Response {
+    use crate::transport::{PeerRequest, PeerResponse, Transport};
+    let m = st.raft.metrics().borrow().clone();
+    let result = if m.current_leader == Some(st.registry.node_id) {
+        match req {
+            PeerRequest::AddMember { node_id, info } => {
+                crate::peer::add_member(&st.raft, node_id, info, st.catch_up).await
+            }
+            PeerRequest::RemoveMember { node_id } => {
+                crate::peer::remove_member(&st.raft, node_id).await
+            }
+            _ => Err("not a membership change".into()),
+        }
+    } else {
+        let leader = m.current_leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .cloned()
+                .map(|n| (l, n))
+        });
+        match (leader, &st.transport) {
+            (Some((l, node)), Some(t)) => match t.call(l, &node, req).await {
+                Ok(PeerResponse::MembershipChanged) => Ok(()),
+                Ok(PeerResponse::Refused(e)) => Err(e),
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(e) => Err(e.to_string()),
+            },
+            _ => Err("no reachable leader".into()),
+        }
+    };
+    match result {
+        Ok(()) => (axum::http::StatusCode::OK, "{}").into_response(),
+        Err(e) => admin_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn add_member(
+    State(st): State<Arc<StatusState>>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    let body: AddMemberBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return admin_error(
+                axum::http::StatusCode::BAD_REQUEST,
+                format!("body is not {{node_id, http, quic}}: {e}"),
+            )
+        }
+    };
+    if body.node_id == 0
+        || body.http.parse::<SocketAddr>().is_err()
+        || body.quic.parse::<SocketAddr>().is_err()
+    {
+        return admin_error(
+            axum::http::StatusCode::BAD_REQUEST,
+            "node_id must be >= 1 and http, quic host:port addresses".into(),
+        );
+    }
+    let info = NodeInfo {
+        http: body.http,
+        quic: body.quic,
+    };
+    membership_change(
+        &st,
+        crate::transport::PeerRequest::AddMember {
+            node_id: body.node_id,
+            info,
+        },
+    )
+    .await
+}
+
+async fn remove_member(
+    State(st): State<Arc<StatusState>>,
+    axum::extract::Path(id): axum::extract::Path<u64>,
+) -> axum::response::Response {
+    membership_change(
+        &st,
+        crate::transport::PeerRequest::RemoveMember { node_id: id },
+    )
+    .await
 }

@@ -40,6 +40,8 @@ pub struct Server {
     /// `127.0.0.1:PORT`, the form docker/skopeo take.
     pub host: String,
     listen: String,
+    /// Extra `serve` arguments, kept for `restart`.
+    extra: Vec<String>,
 }
 
 impl Server {
@@ -51,6 +53,11 @@ impl Server {
 
     /// As `start`, on a given address (used to restart on the same port).
     pub fn start_on(data_dir: &Path, listen: &str) -> Result<Server> {
+        Self::start_with(data_dir, listen, &[])
+    }
+
+    /// As `start_on`, with extra `portolan serve` arguments (node id, QUIC, certificates).
+    pub fn start_with(data_dir: &Path, listen: &str, extra: &[String]) -> Result<Server> {
         if std::env::var("REGISTRY_UNDER_TEST").as_deref() == Ok("distribution") {
             return Self::start_reference(data_dir, listen);
         }
@@ -67,6 +74,7 @@ impl Server {
             .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -105,6 +113,7 @@ impl Server {
             listen: host.clone(),
             url,
             host,
+            extra: extra.to_vec(),
         })
     }
 
@@ -151,6 +160,7 @@ impl Server {
             listen: addr.clone(),
             url: format!("http://{addr}"),
             host: addr,
+            extra: Vec::new(),
         })
     }
 
@@ -186,7 +196,7 @@ impl Server {
     /// Starts the server again on the same data dir and the same address.
     pub fn restart(&mut self) -> Result<()> {
         self.kill9();
-        let again = Server::start_on(&self.data_dir, &self.listen)?;
+        let again = Server::start_with(&self.data_dir, &self.listen, &self.extra)?;
         *self = again;
         Ok(())
     }

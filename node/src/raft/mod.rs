@@ -31,12 +31,27 @@ pub enum Response {
     Outcome(Outcome),
 }
 
+/// How to reach a member of the region: its HTTP (clients, admin) and QUIC (peers)
+/// addresses. Stored in the Raft membership, so every node knows every other.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub http: String,
+    /// Empty for a single node without peer transport.
+    pub quic: String,
+}
+
+impl std::fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http={} quic={}", self.http, self.quic)
+    }
+}
+
 openraft::declare_raft_types!(
     pub TypeConfig:
         D = Request,
         R = Response,
         NodeId = u64,
-        Node = openraft::BasicNode,
+        Node = NodeInfo,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,

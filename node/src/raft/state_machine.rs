@@ -14,11 +14,12 @@ use engine::kv::{Batch, KvStore};
 use engine::state::State;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
-    StoredMembership,
+    Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
+
+use super::NodeInfo;
 
 use super::{
     from_bytes, to_bytes, LogId, NodeId, Request, Response, StorageError, StorageIOError,
@@ -37,7 +38,7 @@ enum SnapshotData {
 }
 
 struct CurrentSnapshot {
-    meta: SnapshotMeta<NodeId, BasicNode>,
+    meta: SnapshotMeta<NodeId, NodeInfo>,
     data: Vec<u8>,
 }
 
@@ -54,9 +55,7 @@ impl<S: KvStore> StateMachine<S> {
         }
     }
 
-    fn applied(
-        &self,
-    ) -> Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>), StorageError> {
+    fn applied(&self) -> Result<(Option<LogId>, StoredMembership<NodeId, NodeInfo>), StorageError> {
         let read = |k: &[u8]| {
             self.kv
                 .get(Cf::SmMeta, k)
@@ -135,7 +134,7 @@ impl<S: KvStore> RaftStateMachine<TypeConfig> for StateMachine<S> {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>), StorageError> {
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, NodeInfo>), StorageError> {
         self.applied()
     }
 
@@ -203,7 +202,7 @@ impl<S: KvStore> RaftStateMachine<TypeConfig> for StateMachine<S> {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();

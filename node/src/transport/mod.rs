@@ -1,0 +1,138 @@
+//! Peer traffic between the nodes of a region: Raft RPCs, forwarded writes, membership
+//! changes and blob bytes.
+//!
+//! Owns: the wire messages (`PeerRequest`, `PeerResponse`), their framing and bounds, and the
+//! `Transport` seam the rest of the node talks to (QUIC in production, simulated in the
+//! simulator).
+//! Never: decides anything — handlers (`PeerHandler`) do.
+
+pub mod quic;
+
+use std::future::Future;
+
+use engine::Digest;
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::raft::{NodeId, NodeInfo, Request, Response, TypeConfig};
+
+/// Largest framed message. Raft batches are bounded by openraft's `max_payload_entries` and
+/// snapshots travel in `snapshot_max_chunk_size` pieces, both well below this.
+pub const FRAME_BYTES_MAX: u32 = 64 * 1024 * 1024;
+
+/// A request from one node to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A metadata write a follower forwards to the leader.
+    ClientWrite(Request),
+    /// Add a node to the region (forwarded to the leader): learner, then voter.
+    AddMember {
+        node_id: NodeId,
+        info: NodeInfo,
+    },
+    RemoveMember {
+        node_id: NodeId,
+    },
+    /// Store a blob replica; exactly `size_bytes` raw bytes follow this frame on the stream.
+    BlobPut {
+        digest: Digest,
+        size_bytes: u64,
+    },
+    /// Send a blob's bytes back, if this node holds it.
+    BlobGet {
+        digest: Digest,
+    },
+}
+
+/// The answer to a `PeerRequest`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    ClientWrite(Response),
+    MembershipChanged,
+    /// The blob is durable on the receiving node.
+    BlobStored,
+    /// The blob follows: exactly `size_bytes` raw bytes after this frame.
+    BlobFound {
+        size_bytes: u64,
+    },
+    BlobMissing,
+    /// The request was understood and refused or failed; the text says why.
+    Refused(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("node {0} is not reachable: {1}")]
+    Unreachable(NodeId, String),
+    #[error("peer {0} timed out")]
+    Timeout(NodeId),
+    #[error("peer {peer} broke the protocol: {reason}")]
+    Protocol { peer: NodeId, reason: String },
+    #[error("peer {peer} refused: {reason}")]
+    Refused { peer: NodeId, reason: String },
+    #[error("local i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Bytes of a blob being sent (a memory map of the committed file, or a buffer).
+pub type BlobBytes = bytes::Bytes;
+
+/// A stream of blob bytes arriving from a peer.
+pub type BlobReader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// How a node reaches its peers. Implementations bound every request in time and size.
+pub trait Transport: Send + Sync + 'static {
+    /// One request, one response.
+    fn call(
+        &self,
+        target: NodeId,
+        addr: &NodeInfo,
+        req: PeerRequest,
+    ) -> impl Future<Output = Result<PeerResponse, TransportError>> + Send;
+
+    /// Sends a blob's bytes; returns once the peer has stored them durably.
+    fn put_blob(
+        &self,
+        target: NodeId,
+        addr: &NodeInfo,
+        digest: &Digest,
+        bytes: BlobBytes,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Asks a peer for a blob: its size and a reader of exactly that many bytes, or `None`
+    /// when the peer does not hold it.
+    fn get_blob(
+        &self,
+        target: NodeId,
+        addr: &NodeInfo,
+        digest: &Digest,
+    ) -> impl Future<Output = Result<Option<(u64, BlobReader)>, TransportError>> + Send;
+}
+
+/// What a node does with requests from peers.
+pub trait PeerHandler: Send + Sync + 'static {
+    fn handle(&self, req: PeerRequest) -> impl Future<Output = PeerResponse> + Send;
+
+    /// Stores a replica of `size_bytes` bytes read from `body` (verified against `digest`).
+    fn store_blob(
+        &self,
+        digest: Digest,
+        size_bytes: u64,
+        body: BlobReader,
+    ) -> impl Future<Output = PeerResponse> + Send;
+
+    /// The bytes of a blob this node holds.
+    fn read_blob(&self, digest: &Digest) -> impl Future<Output = Option<BlobBytes>> + Send;
+}

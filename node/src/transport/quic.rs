@@ -1,0 +1,400 @@
+//! `Transport` over QUIC (quinn) with mutual TLS: every node presents a certificate signed by
+//! the cluster CA and accepts only peers that do.
+//!
+//! Each request is one bidirectional stream: a length-prefixed bincode frame (at most
+//! `FRAME_BYTES_MAX`), then for blob transfers the raw bytes. Connections are cached per
+//! peer and re-dialled on failure; every request has a deadline.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::Digest;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::AsyncReadExt;
+use tokio::sync::Mutex;
+
+use super::{
+    BlobBytes, BlobReader, PeerHandler, PeerRequest, PeerResponse, Transport, TransportError,
+    FRAME_BYTES_MAX,
+};
+use crate::cluster::certs::{node_paths, CLUSTER_SERVER_NAME};
+use crate::raft::{NodeId, NodeInfo};
+
+const ALPN: &[u8] = b"portolan/1";
+/// Deadline of one request/response exchange (blob transfers get `BLOB_TIMEOUT`).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of a whole blob transfer.
+const BLOB_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Concurrent streams a peer may open on one connection; more wait for credit.
+const STREAMS_PER_CONNECTION_MAX: u32 = 256;
+/// A connection silent this long is closed (keep-alives are sent at a third of it).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuicSetupError {
+    #[error("read {path}: {reason}")]
+    Pem { path: String, reason: String },
+    #[error("tls config: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("tls verifier: {0}")]
+    Verifier(String),
+    #[error("quic config: {0}")]
+    Quic(String),
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+fn pem_err(path: &Path, e: impl std::fmt::Display) -> QuicSetupError {
+    QuicSetupError::Pem {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// TLS material of one node: the cluster CA and the node's certificate and key.
+pub struct NodeTls {
+    ca: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl NodeTls {
+    pub fn load(certs_dir: &Path, node_id: NodeId) -> Result<NodeTls, QuicSetupError> {
+        let ca_path = certs_dir.join("ca.pem");
+        let (cert_path, key_path) = node_paths(certs_dir, node_id);
+        let read_certs = |p: &Path| -> Result<Vec<CertificateDer<'static>>, QuicSetupError> {
+            CertificateDer::pem_file_iter(p)
+                .map_err(|e| pem_err(p, e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_err(p, e))
+        };
+        Ok(NodeTls {
+            ca: read_certs(&ca_path)?,
+            chain: read_certs(&cert_path)?,
+            key: PrivateKeyDer::from_pem_file(&key_path).map_err(|e| pem_err(&key_path, e))?,
+        })
+    }
+
+    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, QuicSetupError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone())?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    fn server_config(&self) -> Result<quinn::ServerConfig, QuicSetupError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots()?,
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| QuicSetupError::Verifier(e.to_string()))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto =
+            QuicServerConfig::try_from(tls).map_err(|e| QuicSetupError::Quic(e.to_string()))?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        cfg.transport_config(transport_config());
+        Ok(cfg)
+    }
+
+    fn client_config(&self) -> Result<quinn::ClientConfig, QuicSetupError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|e| QuicSetupError::Quic(e.to_string()))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        cfg.transport_config(transport_config());
+        Ok(cfg)
+    }
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .expect("idle timeout fits a QUIC varint"),
+    ));
+    t.keep_alive_interval(Some(IDLE_TIMEOUT / 3));
+    Arc::new(t)
+}
+
+/// One node's QUIC endpoint: serves peers and dials them.
+pub struct QuicTransport {
+    endpoint: quinn::Endpoint,
+    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+}
+
+async fn write_frame<T: Serialize>(s: &mut quinn::SendStream, v: &T) -> std::io::Result<()> {
+    let body = bincode::serialize(v).map_err(std::io::Error::other)?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|l| *l <= FRAME_BYTES_MAX)
+        .ok_or_else(|| std::io::Error::other("frame over FRAME_BYTES_MAX"))?;
+    s.write_all(&len.to_be_bytes()).await?;
+    s.write_all(&body).await?;
+    Ok(())
+}
+
+async fn read_frame<T: DeserializeOwned>(s: &mut quinn::RecvStream) -> std::io::Result<T> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)
+        .await
+        .map_err(std::io::Error::other)?;
+    let len = u32::from_be_bytes(len);
+    if len > FRAME_BYTES_MAX {
+        return Err(std::io::Error::other(format!(
+            "frame of {len} bytes is over FRAME_BYTES_MAX"
+        )));
+    }
+    let mut body = vec![0u8; len as usize];
+    s.read_exact(&mut body)
+        .await
+        .map_err(std::io::Error::other)?;
+    bincode::deserialize(&body).map_err(std::io::Error::other)
+}
+
+impl QuicTransport {
+    /// Binds the endpoint and serves peers with `handler` until the endpoint closes.
+    pub fn start<H: PeerHandler>(
+        listen: SocketAddr,
+        tls: &NodeTls,
+        handler: Arc<H>,
+    ) -> Result<Arc<QuicTransport>, QuicSetupError> {
+        let mut endpoint =
+            quinn::Endpoint::server(tls.server_config()?, listen).map_err(|source| {
+                QuicSetupError::Bind {
+                    addr: listen,
+                    source,
+                }
+            })?;
+        endpoint.set_default_client_config(tls.client_config()?);
+        let t = Arc::new(QuicTransport {
+            endpoint: endpoint.clone(),
+            conns: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(accept_loop(endpoint, handler));
+        Ok(t)
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+
+    async fn connection(
+        &self,
+        target: NodeId,
+        addr: &NodeInfo,
+    ) -> Result<quinn::Connection, TransportError> {
+        let sa: SocketAddr = addr.quic.parse().map_err(|_| {
+            TransportError::Unreachable(target, format!("bad quic address {:?}", addr.quic))
+        })?;
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&sa) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+            conns.remove(&sa);
+        }
+        let connecting = self
+            .endpoint
+            .connect(sa, CLUSTER_SERVER_NAME)
+            .map_err(|e| TransportError::Unreachable(target, e.to_string()))?;
+        let conn = tokio::time::timeout(CALL_TIMEOUT, connecting)
+            .await
+            .map_err(|_| TransportError::Timeout(target))?
+            .map_err(|e| TransportError::Unreachable(target, e.to_string()))?;
+        conns.insert(sa, conn.clone());
+        Ok(conn)
+    }
+
+    async fn open(
+        &self,
+        target: NodeId,
+        addr: &NodeInfo,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), TransportError> {
+        let conn = self.connection(target, addr).await?;
+        conn.open_bi()
+            .await
+            .map_err(|e| TransportError::Unreachable(target, e.to_string()))
+    }
+}
+
+fn proto(peer: NodeId, e: impl std::fmt::Display) -> TransportError {
+    TransportError::Protocol {
+        peer,
+        reason: e.to_string(),
+    }
+}
+
+impl Transport for QuicTransport {
+    async fn call(
+        &self,
+        target: NodeId,
+        addr: &NodeInfo,
+        req: PeerRequest,
+    ) -> Result<PeerResponse, TransportError> {
+        let fut = async {
+            let (mut send, mut recv) = self.open(target, addr).await?;
+            write_frame(&mut send, &req)
+                .await
+                .map_err(|e| proto(target, e))?;
+            send.finish().map_err(|e| proto(target, e))?;
+            read_frame(&mut recv).await.map_err(|e| proto(target, e))
+        };
+        tokio::time::timeout(CALL_TIMEOUT, fut)
+            .await
+            .map_err(|_| TransportError::Timeout(target))?
+    }
+
+    async fn put_blob(
+        &self,
+        target: NodeId,
+        addr: &NodeInfo,
+        digest: &Digest,
+        bytes: BlobBytes,
+    ) -> Result<(), TransportError> {
+        let fut = async {
+            let (mut send, mut recv) = self.open(target, addr).await?;
+            let req = PeerRequest::BlobPut {
+                digest: digest.clone(),
+                size_bytes: bytes.len() as u64,
+            };
+            write_frame(&mut send, &req)
+                .await
+                .map_err(|e| proto(target, e))?;
+            send.write_all(&bytes).await.map_err(|e| proto(target, e))?;
+            send.finish().map_err(|e| proto(target, e))?;
+            match read_frame(&mut recv).await.map_err(|e| proto(target, e))? {
+                PeerResponse::BlobStored => Ok(()),
+                PeerResponse::Refused(reason) => Err(TransportError::Refused {
+                    peer: target,
+                    reason,
+                }),
+                other => Err(proto(target, format!("unexpected answer {other:?}"))),
+            }
+        };
+        tokio::time::timeout(BLOB_TIMEOUT, fut)
+            .await
+            .map_err(|_| TransportError::Timeout(target))?
+    }
+
+    async fn get_blob(
+        &self,
+        target: NodeId,
+        addr: &NodeInfo,
+        digest: &Digest,
+    ) -> Result<Option<(u64, BlobReader)>, TransportError> {
+        let fut = async {
+            let (mut send, mut recv) = self.open(target, addr).await?;
+            write_frame(
+                &mut send,
+                &PeerRequest::BlobGet {
+                    digest: digest.clone(),
+                },
+            )
+            .await
+            .map_err(|e| proto(target, e))?;
+            send.finish().map_err(|e| proto(target, e))?;
+            match read_frame(&mut recv).await.map_err(|e| proto(target, e))? {
+                PeerResponse::BlobFound { size_bytes } => {
+                    let reader: BlobReader = Box::new(recv.take(size_bytes));
+                    Ok(Some((size_bytes, reader)))
+                }
+                PeerResponse::BlobMissing => Ok(None),
+                other => Err(proto(target, format!("unexpected answer {other:?}"))),
+            }
+        };
+        tokio::time::timeout(CALL_TIMEOUT, fut)
+            .await
+            .map_err(|_| TransportError::Timeout(target))?
+    }
+}
+
+async fn accept_loop<H: PeerHandler>(endpoint: quinn::Endpoint, handler: Arc<H>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Includes peers whose certificate the cluster CA did not sign.
+                    tracing::warn!(error = %e, "refused a peer connection");
+                    return;
+                }
+            };
+            loop {
+                let (send, recv) = match conn.accept_bi().await {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+                let handler = handler.clone();
+                tokio::spawn(serve_stream(handler, send, recv));
+            }
+        });
+    }
+}
+
+async fn serve_stream<H: PeerHandler>(
+    handler: Arc<H>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let req: PeerRequest = match tokio::time::timeout(CALL_TIMEOUT, read_frame(&mut recv)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "malformed peer request");
+            return;
+        }
+        Err(_) => return,
+    };
+    let resp = match req {
+        PeerRequest::BlobPut { digest, size_bytes } => {
+            let body: BlobReader = Box::new(recv.take(size_bytes));
+            handler.store_blob(digest, size_bytes, body).await
+        }
+        PeerRequest::BlobGet { digest } => match handler.read_blob(&digest).await {
+            Some(bytes) => {
+                let header = PeerResponse::BlobFound {
+                    size_bytes: bytes.len() as u64,
+                };
+                if write_frame(&mut send, &header).await.is_ok() {
+                    let _ = send.write_all(&bytes).await;
+                    let _ = send.finish();
+                }
+                return;
+            }
+            None => PeerResponse::BlobMissing,
+        },
+        other => handler.handle(other).await,
+    };
+    if write_frame(&mut send, &resp).await.is_ok() {
+        let _ = send.finish();
+    }
+}
