@@ -112,6 +112,9 @@ pub struct RaftSection {
     pub snapshot_logs_since_last: u64,
     /// How long a joining node may take to catch up as a learner before the join fails.
     pub learner_catch_up_ms: u64,
+    /// How long a metadata write may wait to be committed (e.g. while a majority of the
+    /// region is down) before the client gets 503 UNAVAILABLE.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for NodeSection {
@@ -142,6 +145,7 @@ impl Default for RaftSection {
             election_timeout_max_ms: 600,
             snapshot_logs_since_last: 10_000,
             learner_catch_up_ms: 60_000,
+            write_timeout_ms: 10_000,
         }
     }
 }

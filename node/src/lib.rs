@@ -5,6 +5,7 @@ pub mod admin_client;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod dev_cluster;
 pub mod peer;
 pub mod raft;
 pub mod registry;

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use portolan_node::cluster::certs;
 use portolan_node::config::{Config, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_REGION};
+use portolan_node::dev_cluster::DevCluster;
 use portolan_node::{admin_client, Node};
 
 #[derive(Parser)]
@@ -33,6 +34,18 @@ enum Cmd {
     /// Certificates and membership of a region.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Start N regions of M nodes on loopback, write DIR/cluster.json, stop all on Ctrl-C.
+    DevCluster {
+        #[arg(long, default_value_t = 1)]
+        regions: u32,
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value = "./portolan-dev-cluster")]
+        dir: PathBuf,
+        /// First HTTP port (QUIC ports are 1000 above); 0 lets the OS pick.
+        #[arg(long, default_value_t = 5000)]
+        base_port: u16,
+    },
 }
 
 #[derive(Subcommand)]
@@ -132,6 +145,26 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Cluster(c) => cluster(c),
+        Cmd::DevCluster {
+            regions,
+            nodes,
+            dir,
+            base_port,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("start runtime")?;
+            rt.block_on(
+                DevCluster {
+                    regions,
+                    nodes,
+                    dir,
+                    base_port,
+                }
+                .run(),
+            )
+        }
         Cmd::Serve(args) => {
             let mut config = match &args.config {
                 Some(f) => Config::from_file(f)?,

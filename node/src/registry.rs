@@ -43,6 +43,8 @@ pub struct NodeRegistry {
     proposals: Semaphore,
     /// Peer transport; `None` for a single node without peers.
     peers: Option<Arc<QuicTransport>>,
+    /// `raft.write_timeout_ms`.
+    write_timeout: std::time::Duration,
 }
 
 fn internal<E: std::fmt::Display>(e: E) -> ApiError {
@@ -91,6 +93,7 @@ impl NodeRegistry {
         blobs: BlobStore,
         limits: Limits,
         peers: Option<Arc<QuicTransport>>,
+        write_timeout: std::time::Duration,
     ) -> Self {
         let proposals = Semaphore::new(limits.raft_proposals_max as usize);
         NodeRegistry {
@@ -100,6 +103,7 @@ impl NodeRegistry {
             blobs,
             limits,
             peers,
+            write_timeout,
             sessions: std::sync::Mutex::new(HashMap::new()),
             proposals,
         }
@@ -145,7 +149,16 @@ impl NodeRegistry {
         let unavailable = |e: &dyn std::fmt::Display| {
             ApiError::Unavailable(format!("metadata write not committed: {e}"))
         };
-        match self.raft.client_write(req.clone()).await {
+        let committed =
+            tokio::time::timeout(self.write_timeout, self.raft.client_write(req.clone()))
+                .await
+                .map_err(|_| {
+                    ApiError::Unavailable(format!(
+                    "metadata write not committed within {} ms: is a majority of the region up?",
+                    self.write_timeout.as_millis()
+                ))
+                })?;
+        match committed {
             Ok(r) => Ok(r.data),
             Err(openraft::error::RaftError::APIError(
                 openraft::error::ClientWriteError::ForwardToLeader(f),

@@ -128,6 +128,7 @@ impl Node {
             blobs,
             config.limits.clone(),
             transport.clone(),
+            Duration::from_millis(config.raft.write_timeout_ms),
         ));
         peer_handler.attach(raft.clone(), registry.clone());
         Ok(Node {

@@ -178,3 +178,78 @@ async fn a_node_of_another_cluster_cannot_join() -> Result<()> {
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn dev_cluster_starts_a_region_and_writes_cluster_json() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cdir = dir.path().join("dc");
+    let mut child = Command::new(portolan_bin())
+        .args([
+            "dev-cluster",
+            "--regions",
+            "1",
+            "--nodes",
+            "3",
+            "--base-port",
+            "0",
+            "--dir",
+        ])
+        .arg(&cdir)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let json_path = cdir.join("cluster.json");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !json_path.exists() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("cluster.json was not written in time");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let nodes: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&json_path)?)?;
+    assert_eq!(nodes.len(), 3);
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(n["node_id"].as_u64(), Some(i as u64 + 1));
+        assert_eq!(n["region"], "region-1");
+        for field in ["http", "quic", "pid", "data_dir"] {
+            assert!(!n[field].is_null(), "{field} missing in {n}");
+        }
+    }
+    let url = |i: usize| format!("http://{}", nodes[i]["http"].as_str().unwrap_or_default());
+    let layer = pseudo_random_bytes(9, 70_000);
+    let (_, manifest) = OciClient::new(&url(1))
+        .push_image("dev/app", "1", &[layer.clone()])
+        .await?;
+    let (_, got) = OciClient::new(&url(2)).get_manifest("dev/app", "1").await?;
+    assert_eq!(got, manifest);
+    let blob = OciClient::new(&url(0))
+        .get_blob("dev/app", &sha256_digest(&layer))
+        .await?;
+    assert_eq!(blob, layer);
+    // SIGTERM stops the dev cluster and every node it started.
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("dev-cluster did not stop on SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in &nodes {
+        let pid = n["pid"].as_u64().unwrap_or_default();
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true),
+            "node pid {pid} still running"
+        );
+    }
+    Ok(())
+}
