@@ -47,16 +47,27 @@ fn region_name(r: u32) -> String {
     format!("region-{r}")
 }
 
-fn spawn(
-    exe: &Path,
-    region: &str,
+/// One node to start.
+struct NodeSpec<'a> {
+    region: &'a str,
     id: u64,
-    data_dir: &Path,
-    certs_dir: &Path,
-    listen: &str,
-    quic: &str,
+    data_dir: &'a Path,
+    certs_dir: &'a Path,
+    listen: &'a str,
+    quic: &'a str,
     join: bool,
-) -> Result<(Child, String)> {
+}
+
+fn spawn(exe: &Path, spec: &NodeSpec<'_>) -> Result<(Child, String)> {
+    let NodeSpec {
+        region,
+        id,
+        data_dir,
+        certs_dir,
+        listen,
+        quic,
+        join,
+    } = *spec;
     let mut cmd = Command::new(exe);
     cmd.arg("serve")
         .args(["--node-id", &id.to_string(), "--region", region])

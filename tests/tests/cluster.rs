@@ -218,7 +218,7 @@ async fn dev_cluster_starts_a_region_and_writes_cluster_json() -> Result<()> {
     let url = |i: usize| format!("http://{}", nodes[i]["http"].as_str().unwrap_or_default());
     let layer = pseudo_random_bytes(9, 70_000);
     let (_, manifest) = OciClient::new(&url(1))
-        .push_image("dev/app", "1", &[layer.clone()])
+        .push_image("dev/app", "1", std::slice::from_ref(&layer))
         .await?;
     let (_, got) = OciClient::new(&url(2)).get_manifest("dev/app", "1").await?;
     assert_eq!(got, manifest);
