@@ -214,16 +214,16 @@ impl DevCluster {
                     (format!("127.0.0.1:{http}"), format!("127.0.0.1:{quic}"))
                 };
                 let data_dir = rdir.join(format!("node-{id}"));
-                let (child, http) = spawn(
-                    exe,
-                    &region,
+                let spec = NodeSpec {
+                    region: &region,
                     id,
-                    &data_dir,
-                    &certs_dir,
-                    &listen,
-                    &quic,
-                    i > 1,
-                )?;
+                    data_dir: &data_dir,
+                    certs_dir: &certs_dir,
+                    listen: &listen,
+                    quic: &quic,
+                    join: i > 1,
+                };
+                let (child, http) = spawn(exe, &spec)?;
                 let pid = child.id();
                 let quic = quic_of(&http).await?;
                 if i == 1 {
