@@ -170,10 +170,27 @@ impl NodeRegistry {
                         "no leader in this region right now".into(),
                     ));
                 };
-                match peers
-                    .call(leader, &node, PeerRequest::ClientWrite(req))
-                    .await
-                {
+                // Give up as soon as this node sees another leader (or none): a forward in
+                // flight to a leader that died would otherwise hold the client until the
+                // transport times out. The write's fate is then unknown, and the client was
+                // not told it succeeded.
+                let waiter = self.raft.wait(Some(self.write_timeout));
+                let leader_changed =
+                    waiter.metrics(|m| m.current_leader != Some(leader), "leader changed");
+                let forwarded = tokio::select! {
+                    r = tokio::time::timeout(
+                        self.write_timeout,
+                        peers.call(leader, &node, PeerRequest::ClientWrite(req)),
+                    ) => r.map_err(|_| {
+                        ApiError::Unavailable(format!("leader {leader} did not answer in time"))
+                    })?,
+                    _ = leader_changed => {
+                        return Err(ApiError::Unavailable(format!(
+                            "leader {leader} was replaced while the write was in flight; retry"
+                        )));
+                    }
+                };
+                match forwarded {
                     Ok(PeerResponse::ClientWrite(r)) => Ok(r),
                     Ok(PeerResponse::Refused(why)) => Err(ApiError::Unavailable(format!(
                         "leader {leader} refused the write: {why}"
@@ -208,26 +225,37 @@ impl NodeRegistry {
         let bytes = self.local_blob_bytes(digest).await?.ok_or_else(|| {
             ApiError::Internal(format!("blob {digest} vanished before replication"))
         })?;
-        let sends = targets
+        // Each copy is sent by its own task; the push is answered as soon as a quorum is
+        // durable, and slower copies finish in the background (an unreachable peer costs the
+        // client nothing while a quorum is up).
+        let mut sends = futures_util::stream::FuturesUnordered::new();
+        for (id, info) in targets
             .iter()
             .filter(|t| **t != self.node_id)
             .filter_map(|t| members.iter().find(|(id, _)| id == t))
-            .map(|(id, info)| {
-                let bytes = bytes.clone();
-                async move { (*id, peers.put_blob(*id, info, digest, bytes).await) }
-            });
-        let mut holders = vec![self.node_id];
-        for (id, r) in futures_util::future::join_all(sends).await {
-            match r {
-                Ok(()) => holders.push(id),
-                Err(e) => tracing::warn!(peer = id, %digest, error = %e, "replica write failed"),
-            }
+        {
+            let peers = peers.clone();
+            let (id, info, digest, bytes) = (*id, info.clone(), digest.clone(), bytes.clone());
+            sends.push(tokio::spawn(async move {
+                let r = peers.put_blob(id, &info, &digest, bytes).await;
+                if let Err(e) = &r {
+                    tracing::warn!(peer = id, %digest, error = %e, "replica write failed");
+                }
+                (id, r.is_ok())
+            }));
         }
-        if holders.len() < quorum {
-            return Err(ApiError::Unavailable(format!(
-                "blob {digest} is durable on {} node(s), the write quorum is {quorum}",
-                holders.len()
-            )));
+        let mut holders = vec![self.node_id];
+        while holders.len() < quorum {
+            match sends.next().await {
+                Some(Ok((id, true))) => holders.push(id),
+                Some(_) => {}
+                None => {
+                    return Err(ApiError::Unavailable(format!(
+                        "blob {digest} is durable on {} node(s), the write quorum is {quorum}",
+                        holders.len()
+                    )))
+                }
+            }
         }
         holders.sort_unstable();
         Ok(holders)

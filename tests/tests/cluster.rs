@@ -26,6 +26,13 @@ fn portolan(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A loopback UDP address free right now. A member's QUIC address is part of the region's
+/// membership, so it must stay the same across restarts: the OS may not pick it anew.
+fn free_udp_addr() -> Result<String> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    Ok(s.local_addr()?.to_string())
+}
+
 fn node(dir: &Path, certs: &Path, id: u64, join: bool) -> Result<Server> {
     // A join that cannot complete fails after this, instead of the 60 s default.
     let config = dir.join(format!("n{id}.toml"));
@@ -36,7 +43,7 @@ fn node(dir: &Path, certs: &Path, id: u64, join: bool) -> Result<Server> {
         "--node-id".into(),
         id.to_string(),
         "--quic-listen".into(),
-        "127.0.0.1:0".into(),
+        free_udp_addr()?,
         "--certs-dir".into(),
         certs.display().to_string(),
     ];
@@ -251,5 +258,130 @@ async fn dev_cluster_starts_a_region_and_writes_cluster_json() -> Result<()> {
             "node pid {pid} still running"
         );
     }
+    Ok(())
+}
+
+/// Who leads the region, as node 1's status says (bounded wait for an election).
+async fn leader_index(nodes: &[Server], alive: &[bool]) -> Result<usize> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        for (i, n) in nodes.iter().enumerate() {
+            if !alive[i] {
+                continue;
+            }
+            if let Ok(st) = status(n).await {
+                if let Some(l) = st["leader_id"].as_u64() {
+                    let idx = (l - 1) as usize;
+                    if idx < nodes.len() && alive[idx] {
+                        return Ok(idx);
+                    }
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no live leader within {SETTLE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An acknowledged push: tag, manifest bytes, layers.
+type Acked = (String, Vec<u8>, Vec<Vec<u8>>);
+
+async fn verify_everywhere(nodes: &[Server], alive: &[bool], acked: &[Acked]) -> Result<()> {
+    for (i, n) in nodes.iter().enumerate() {
+        if !alive[i] {
+            continue;
+        }
+        let c = OciClient::new(&n.url);
+        for (tag, manifest, layers) in acked {
+            let deadline = Instant::now() + SETTLE;
+            let got = loop {
+                match c.get_manifest("load/app", tag).await {
+                    Ok((_, m)) => break m,
+                    Err(e) if Instant::now() > deadline => {
+                        bail!("node {} lacks acknowledged tag {tag}: {e}", i + 1)
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            };
+            assert_eq!(&got, manifest, "tag {tag} on node {}", i + 1);
+            for l in layers {
+                let d = sha256_digest(l);
+                let b = c.get_blob("load/app", &d).await?;
+                assert_eq!(sha256_digest(&b), d, "blob {d} on node {}", i + 1);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn killing_the_leader_under_load_loses_no_acknowledged_push() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut nodes = three_nodes(dir.path()).await?;
+    let mut alive = vec![true; 3];
+    let leader = leader_index(&nodes, &alive).await?;
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    let dead = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let (urls, dead, stop) = (urls.clone(), dead.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acked: Vec<(Acked, Duration)> = Vec::new();
+            // Bounded in count and in time (the stop flag).
+            for i in 0..2000u64 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let target = ((t + i) % 3) as usize;
+                if target == dead.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
+                let tag = format!("t{t}-{i}");
+                let layers = vec![pseudo_random_bytes(
+                    t * 100_000 + i,
+                    2_000 + (i as usize % 7) * 1000,
+                )];
+                let c = OciClient::new(&urls[target]);
+                if let Ok((_, m)) = c.push_image("load/app", &tag, &layers).await {
+                    acked.push(((tag, m, layers), started.elapsed()));
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed_at = started.elapsed();
+    dead.store(leader, std::sync::atomic::Ordering::Relaxed);
+    nodes[leader].kill9();
+    alive[leader] = false;
+    let new_leader = leader_index(&nodes, &alive).await?;
+    assert_ne!(new_leader, leader);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = Vec::new();
+    let mut after_kill = 0;
+    for t in tasks {
+        for (a, at) in tokio::time::timeout(Duration::from_secs(120), t).await?? {
+            if at > killed_at {
+                after_kill += 1;
+            }
+            acked.push(a);
+        }
+    }
+    assert!(acked.len() > 20, "only {} pushes acknowledged", acked.len());
+    assert!(
+        after_kill > 0,
+        "no push was acknowledged after the leader died"
+    );
+    verify_everywhere(&nodes, &alive, &acked).await?;
+
+    // The killed node comes back, catches up, and serves every acknowledged push too.
+    nodes[leader].restart()?;
+    alive[leader] = true;
+    verify_everywhere(&nodes, &alive, &acked).await?;
     Ok(())
 }

@@ -30,12 +30,15 @@ use crate::raft::{NodeId, NodeInfo};
 const ALPN: &[u8] = b"portolan/1";
 /// Deadline of one request/response exchange (blob transfers get `BLOB_TIMEOUT`).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of establishing a connection (a dead peer fails fast; Raft retries).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deadline of a whole blob transfer.
 const BLOB_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Concurrent streams a peer may open on one connection; more wait for credit.
 const STREAMS_PER_CONNECTION_MAX: u32 = 256;
-/// A connection silent this long is closed (keep-alives are sent at a third of it).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection silent this long is closed, failing every stream on it: this is how a
+/// request in flight to a peer that died fails fast (keep-alives go at a fifth of it).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuicSetupError {
@@ -137,7 +140,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
             .try_into()
             .expect("idle timeout fits a QUIC varint"),
     ));
-    t.keep_alive_interval(Some(IDLE_TIMEOUT / 3));
+    t.keep_alive_interval(Some(IDLE_TIMEOUT / 5));
     Arc::new(t)
 }
 
@@ -215,22 +218,26 @@ impl QuicTransport {
         let sa: SocketAddr = addr.quic.parse().map_err(|_| {
             TransportError::Unreachable(target, format!("bad quic address {:?}", addr.quic))
         })?;
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&sa) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+        {
+            let mut conns = self.conns.lock().await;
+            if let Some(c) = conns.get(&sa) {
+                if c.close_reason().is_none() {
+                    return Ok(c.clone());
+                }
+                conns.remove(&sa);
             }
-            conns.remove(&sa);
         }
+        // Dial without holding the map: a dead peer must not stall calls to live ones. Two
+        // racing dials to one peer both succeed; the later one replaces the earlier in the map.
         let connecting = self
             .endpoint
             .connect(sa, CLUSTER_SERVER_NAME)
             .map_err(|e| TransportError::Unreachable(target, e.to_string()))?;
-        let conn = tokio::time::timeout(CALL_TIMEOUT, connecting)
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| TransportError::Timeout(target))?
             .map_err(|e| TransportError::Unreachable(target, e.to_string()))?;
-        conns.insert(sa, conn.clone());
+        self.conns.lock().await.insert(sa, conn.clone());
         Ok(conn)
     }
 
