@@ -110,6 +110,9 @@ pub struct RaftSection {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and compact the log) after this many entries.
     pub snapshot_logs_since_last: u64,
+    /// Log entries kept behind a snapshot, so a briefly absent node catches up from the log;
+    /// one further behind is sent the snapshot.
+    pub logs_kept_after_snapshot: u64,
     /// How long a joining node may take to catch up as a learner before the join fails.
     pub learner_catch_up_ms: u64,
     /// How long a metadata write may wait to be committed (e.g. while a majority of the
@@ -144,6 +147,7 @@ impl Default for RaftSection {
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
             snapshot_logs_since_last: 10_000,
+            logs_kept_after_snapshot: 1_000,
             learner_catch_up_ms: 60_000,
             write_timeout_ms: 10_000,
         }

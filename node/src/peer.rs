@@ -110,7 +110,10 @@ impl PeerHandler for NodePeer {
                 PeerResponse::InstallSnapshot(raft.install_snapshot(r).await)
             }
             PeerRequest::ClientWrite(r) => match raft.client_write(r).await {
-                Ok(resp) => PeerResponse::ClientWrite(resp.data),
+                Ok(resp) => PeerResponse::ClientWrite {
+                    index: resp.log_id.index,
+                    response: resp.data,
+                },
                 Err(e) => PeerResponse::Refused(e.to_string()),
             },
             PeerRequest::AddMember { node_id, info } => {

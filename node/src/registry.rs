@@ -191,7 +191,19 @@ impl NodeRegistry {
                     }
                 };
                 match forwarded {
-                    Ok(PeerResponse::ClientWrite(r)) => Ok(r),
+                    Ok(PeerResponse::ClientWrite { index, response }) => {
+                        // Read-your-writes on this node: answer once it has applied the entry.
+                        self.raft
+                            .wait(Some(self.write_timeout))
+                            .applied_index_at_least(Some(index), "forwarded write applied here")
+                            .await
+                            .map_err(|e| {
+                                ApiError::Unavailable(format!(
+                                    "write committed but not yet applied on this node: {e}"
+                                ))
+                            })?;
+                        Ok(response)
+                    }
                     Ok(PeerResponse::Refused(why)) => Err(ApiError::Unavailable(format!(
                         "leader {leader} refused the write: {why}"
                     ))),

@@ -72,7 +72,7 @@ impl Node {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
                 config.raft.snapshot_logs_since_last,
             ),
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: config.raft.logs_kept_after_snapshot,
             ..Default::default()
         };
         let rc = Arc::new(rc.validate().context("validate raft config")?);
@@ -264,6 +264,8 @@ async fn status(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
         "current_term": m.current_term,
         "last_log_index": m.last_log_index,
         "last_applied_index": m.last_applied.map(|l| l.index),
+        "snapshot_index": m.snapshot.map(|l| l.index),
+        "purged_index": m.purged.map(|l| l.index),
         "members": members,
         "open_upload_sessions": st.registry.open_sessions(),
     });

@@ -34,9 +34,15 @@ fn free_udp_addr() -> Result<String> {
 }
 
 fn node(dir: &Path, certs: &Path, id: u64, join: bool) -> Result<Server> {
-    // A join that cannot complete fails after this, instead of the 60 s default.
+    // A join that cannot complete fails after 5 s instead of 60; writes without a majority
+    // fail after 2 s; snapshots are taken often and the log behind them kept short, so a
+    // node that was away for a few hundred pushes must be sent a snapshot.
     let config = dir.join(format!("n{id}.toml"));
-    std::fs::write(&config, "[raft]\nlearner_catch_up_ms = 5000\n")?;
+    std::fs::write(
+        &config,
+        "[raft]\nlearner_catch_up_ms = 5000\nwrite_timeout_ms = 2000\n\
+         snapshot_logs_since_last = 300\nlogs_kept_after_snapshot = 50\n",
+    )?;
     let mut extra = vec![
         "--config".to_string(),
         config.display().to_string(),
@@ -227,7 +233,15 @@ async fn dev_cluster_starts_a_region_and_writes_cluster_json() -> Result<()> {
     let (_, manifest) = OciClient::new(&url(1))
         .push_image("dev/app", "1", std::slice::from_ref(&layer))
         .await?;
-    let (_, got) = OciClient::new(&url(2)).get_manifest("dev/app", "1").await?;
+    // Committed everywhere; another node may apply it a moment later.
+    let deadline = Instant::now() + SETTLE;
+    let got = loop {
+        match OciClient::new(&url(2)).get_manifest("dev/app", "1").await {
+            Ok((_, m)) => break m,
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
     assert_eq!(got, manifest);
     let blob = OciClient::new(&url(0))
         .get_blob("dev/app", &sha256_digest(&layer))
@@ -383,5 +397,108 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_push() -> Result<()
     nodes[leader].restart()?;
     alive[leader] = true;
     verify_everywhere(&nodes, &alive, &acked).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_back_after_1000_pushes_catches_up_by_snapshot() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut nodes = three_nodes(dir.path()).await?;
+    let alive = vec![true; 3];
+    let leader = leader_index(&nodes, &alive).await?;
+    let away = (leader + 1) % 3;
+    let stay = (leader + 2) % 3;
+    nodes[away].kill9();
+    let mut acked: Vec<Acked> = Vec::new();
+    let pushers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let url = nodes[if t % 2 == 0 { leader } else { stay }].url.clone();
+            tokio::spawn(async move {
+                let c = OciClient::new(&url);
+                let mut out = Vec::new();
+                for i in 0..250u64 {
+                    let tag = format!("s{t}-{i}");
+                    let layers = vec![pseudo_random_bytes(t * 1000 + i + 7, 512)];
+                    let (_, m) = c.push_image("load/app", &tag, &layers).await?;
+                    out.push((tag, m, layers));
+                }
+                anyhow::Ok(out)
+            })
+        })
+        .collect();
+    for p in pushers {
+        acked.extend(tokio::time::timeout(Duration::from_secs(300), p).await???);
+    }
+    assert_eq!(acked.len(), 1000);
+    let st = status(&nodes[leader]).await?;
+    assert!(
+        st["purged_index"].as_u64().unwrap_or(0) > 0,
+        "leader compacted nothing: {st}"
+    );
+    nodes[away].restart()?;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let st = status(&nodes[away]).await?;
+        if st["snapshot_index"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("node {} installed no snapshot: {st}", away + 1);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all = vec![true; 3];
+    verify_everywhere(&nodes, &all, &acked).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_two_of_three_down_pushes_fail_cleanly_and_pulls_work() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut nodes = three_nodes(dir.path()).await?;
+    let layers = vec![pseudo_random_bytes(77, 40_000)];
+    let (_, manifest) = OciClient::new(&nodes[0].url)
+        .push_image("keep/app", "v1", &layers)
+        .await?;
+    // Every node has applied the push before two of them go.
+
+    for n in &nodes {
+        let deadline = Instant::now() + SETTLE;
+        while OciClient::new(&n.url)
+            .get_manifest("keep/app", "v1")
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("{} never applied the push", n.url);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    nodes[0].kill9();
+    nodes[1].kill9();
+    let survivor = &nodes[2];
+    let c = OciClient::new(&survivor.url);
+    // A push needs a majority: it fails with a 503-class OCI error, promptly.
+    let started = Instant::now();
+    let resp = c
+        .http
+        .post(c.url(&format!(
+            "/v2/keep/app/blobs/uploads/?digest={}",
+            sha256_digest(b"new")
+        )))
+        .body(b"new".to_vec())
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 503);
+    let body: serde_json::Value = resp.json().await?;
+    assert!(body["errors"][0]["code"].is_string(), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // Pulls of what the survivor holds keep working.
+    let (_, got) = c.get_manifest("keep/app", "v1").await?;
+    assert_eq!(got, manifest);
+    for l in &layers {
+        assert_eq!(c.get_blob("keep/app", &sha256_digest(l)).await?, *l);
+    }
     Ok(())
 }

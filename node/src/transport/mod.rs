@@ -59,7 +59,12 @@ pub enum PeerResponse {
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
-    ClientWrite(Response),
+    /// The applied write's response and its log index (the forwarding node waits until it
+    /// has applied that index too, so its client reads its own write there).
+    ClientWrite {
+        index: u64,
+        response: Response,
+    },
     MembershipChanged,
     /// The blob is durable on the receiving node.
     BlobStored,
