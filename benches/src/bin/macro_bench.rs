@@ -70,6 +70,9 @@ struct Args {
     /// docker-registry as the candidate, to validate the bench itself.
     #[arg(long, alias = "candidate-cmd", value_enum, default_value_t = CandidateKind::Portolan)]
     candidate: CandidateKind,
+    /// What the candidate is compared with (the left column).
+    #[arg(long, value_enum, default_value_t = BaselineKind::Reference)]
+    baseline: BaselineKind,
     /// The reference registry binary (CNCF distribution 2.8.x).
     #[arg(long, default_value = "/usr/bin/docker-registry")]
     reference_bin: PathBuf,
@@ -117,6 +120,16 @@ struct Args {
 enum CandidateKind {
     Portolan,
     Reference,
+    /// A 3-node Portolan region (`portolan dev-cluster`), driven through a follower.
+    PortolanRegion3,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BaselineKind {
+    /// The reference registry (CNCF distribution).
+    Reference,
+    /// A single Portolan node (to compare a region against one node).
+    Portolan,
 }
 
 #[derive(Clone)]
@@ -280,7 +293,18 @@ fn gen_stream(
 struct ChildGuard(Child);
 
 impl Drop for ChildGuard {
+    /// SIGTERM first (a dev-cluster stops the nodes it started), SIGKILL after 10 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -452,6 +476,63 @@ async fn start_portolan(bin: &Path, dir: &Path) -> Result<Target> {
     let mono = probe_mono(&client, &base).await?;
     Ok(Target {
         label: "portolan".to_string(),
+        kind: "portolan",
+        base,
+        client,
+        data_dir: data,
+        log_files: logs,
+        mono,
+        child: Mutex::new(Some(guard)),
+    })
+}
+
+/// Starts `portolan dev-cluster --nodes 3` and targets node 2, a follower: its writes are
+/// forwarded to the leader and its blobs replicated to a quorum before it answers.
+async fn start_region3(bin: &Path, dir: &Path) -> Result<Target> {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    let err_log = dir.join("stderr.log");
+    let child = Command::new(bin)
+        .args([
+            "dev-cluster",
+            "--regions",
+            "1",
+            "--nodes",
+            "3",
+            "--base-port",
+            "0",
+            "--dir",
+        ])
+        .arg(&data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&err_log)?)
+        .spawn()
+        .with_context(|| format!("starting {} dev-cluster", bin.display()))?;
+    let mut guard = ChildGuard(child);
+    let json = data.join("cluster.json");
+    let logs = vec![err_log];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !json.is_file() {
+        if Instant::now() > deadline {
+            bail!(
+                "dev-cluster wrote no cluster.json within 120 s{}",
+                log_tail(&logs)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let nodes: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&json)?)?;
+    let http = nodes
+        .get(1)
+        .and_then(|n| n["http"].as_str())
+        .context("cluster.json lacks node 2")?;
+    let base = format!("http://{http}");
+    let client = make_client()?;
+    wait_ready(&client, &base, &mut guard, &logs).await?;
+    let mono = probe_mono(&client, &base).await?;
+    Ok(Target {
+        label: "portolan-3node".to_string(),
         kind: "portolan",
         base,
         client,
@@ -1402,15 +1483,9 @@ fn combine(
         .collect()
 }
 
-fn print_table(rows: &[Row], cand_label: &str) {
+fn print_table(rows: &[Row], base_label: &str, cand_label: &str) {
     let ratio_h = format!("ratio (>1 = {cand_label} better)");
-    let header = [
-        "scenario",
-        "unit",
-        "reference",
-        cand_label,
-        ratio_h.as_str(),
-    ];
+    let header = ["scenario", "unit", base_label, cand_label, ratio_h.as_str()];
     let cells: Vec<[String; 5]> = rows
         .iter()
         .map(|r| {
@@ -1511,7 +1586,7 @@ async fn run(args: Args) -> Result<()> {
     let p = Params::from_args(&args)?;
     let scenarios = select_scenarios(&args.scenarios)?;
 
-    if args.candidate == CandidateKind::Portolan && !args.portolan.is_file() {
+    if args.candidate != CandidateKind::Reference && !args.portolan.is_file() {
         bail!(
             "Portolan binary {} not found (build it with `cargo build --release -p portolan-node`, \
              pass --portolan PATH, or use --candidate reference to validate the bench)",
@@ -1543,8 +1618,16 @@ async fn run(args: Args) -> Result<()> {
         "starting reference registry ({})",
         args.reference_bin.display()
     );
-    let reference =
-        Arc::new(start_reference(&args.reference_bin, &work.join("reference"), "reference").await?);
+    let reference = Arc::new(match args.baseline {
+        BaselineKind::Reference => {
+            start_reference(&args.reference_bin, &work.join("reference"), "reference").await?
+        }
+        BaselineKind::Portolan => {
+            let mut t = start_portolan(&args.portolan, &work.join("portolan-1")).await?;
+            t.label = "portolan-1node".to_string();
+            t
+        }
+    });
     let candidate = Arc::new(match args.candidate {
         CandidateKind::Reference => {
             eprintln!("starting candidate: a second reference registry (bench validation mode)");
@@ -1553,6 +1636,13 @@ async fn run(args: Args) -> Result<()> {
         CandidateKind::Portolan => {
             eprintln!("starting candidate: Portolan ({})", args.portolan.display());
             start_portolan(&args.portolan, &work.join("portolan")).await?
+        }
+        CandidateKind::PortolanRegion3 => {
+            eprintln!(
+                "starting candidate: a 3-node Portolan region ({})",
+                args.portolan.display()
+            );
+            start_region3(&args.portolan, &work.join("region3")).await?
         }
     });
 
@@ -1644,7 +1734,7 @@ async fn run(args: Args) -> Result<()> {
         rows.extend(combine(sc, r, c, &candidate.label, &mut failures));
     }
 
-    print_table(&rows, &candidate.label);
+    print_table(&rows, &reference.label, &candidate.label);
     println!(
         "(ratio: {0}/reference for rates, reference/{0} for latencies and ms/list)",
         candidate.label
