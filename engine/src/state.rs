@@ -63,6 +63,8 @@ pub enum Command {
         repo: RepoName,
         tag: Tag,
     },
+    /// The repair task moved a blob's copies: `holders` now hold it durably.
+    BlobHoldersSet { digest: Digest, holders: Vec<u64> },
 }
 
 impl Command {
@@ -74,6 +76,7 @@ impl Command {
             Command::ManifestPut { .. } => "manifest_put",
             Command::ManifestDeleted { .. } => "manifest_deleted",
             Command::TagDeleted { .. } => "tag_deleted",
+            Command::BlobHoldersSet { .. } => "blob_holders_set",
         }
     }
 }
@@ -225,6 +228,31 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
             .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
             .collect();
         Ok(Page { names, more })
+    }
+
+    /// Up to `limit` blob records with digests after `after` (a scan cursor), in digest order.
+    pub fn blobs_after(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<(Digest, BlobRecord)>, StateError> {
+        let mut start = after
+            .map(|d| d.to_string().into_bytes())
+            .unwrap_or_default();
+        if !start.is_empty() {
+            start.push(0);
+        }
+        let rows = self.kv.scan(Cf::Blobs, b"", &start, limit)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (k, v) in rows {
+            let text = String::from_utf8_lossy(&k).into_owned();
+            let digest = Digest::parse(&text).map_err(|e| StateError::Decode {
+                what: "blob key",
+                source: Box::new(bincode::ErrorKind::Custom(e.to_string())),
+            })?;
+            out.push((digest, dec("blob record", &v)?));
+        }
+        Ok(out)
     }
 
     /// Manifests whose subject is `subject`, in digest order, at most `limit`.
@@ -390,6 +418,21 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                     }
                     start = next;
                 }
+                Ok(Outcome::Done)
+            }
+            Command::BlobHoldersSet { digest, holders } => {
+                let Some(mut rec) = self.blob(digest)? else {
+                    return Ok(Outcome::BlobUnknown(digest.clone()));
+                };
+                let mut h = holders.clone();
+                h.sort_unstable();
+                h.dedup();
+                rec.holders = h;
+                batch.put(
+                    Cf::Blobs,
+                    digest.to_string().into_bytes(),
+                    keys::encode(&rec),
+                );
                 Ok(Outcome::Done)
             }
             Command::TagDeleted { account, repo, tag } => {

@@ -70,6 +70,8 @@ pub struct ClusterSection {
     /// On first start: true founds a new region with this node as its only member; false
     /// waits to be added by `portolan cluster join`.
     pub bootstrap: bool,
+    /// How often the leader's repair worker walks the blobs to restore R copies.
+    pub repair_interval_ms: u64,
 }
 
 impl Default for ClusterSection {
@@ -78,6 +80,7 @@ impl Default for ClusterSection {
             quic_listen: String::new(),
             certs_dir: PathBuf::new(),
             bootstrap: true,
+            repair_interval_ms: 30_000,
         }
     }
 }

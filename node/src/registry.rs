@@ -1004,3 +1004,110 @@ impl NodeRegistry {
         self.kv.as_ref()
     }
 }
+
+/// Blobs examined per repair step, so one step is bounded whatever the region holds.
+const REPAIR_BATCH_BLOBS: usize = 256;
+
+/// What one repair step did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RepairStep {
+    pub examined: usize,
+    pub repaired: usize,
+    /// The scan wrapped around: every blob was examined since the last `done`.
+    pub done: bool,
+}
+
+impl NodeRegistry {
+    /// Whether this node leads its region right now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
+    /// One step of the repair worker (run on the leader): examines a batch of blobs after
+    /// `cursor` and brings each back to R = min(3, members) durable copies on current members
+    /// — after a node was lost or removed — recording the new holders through Raft.
+    pub async fn repair_step(&self, cursor: &mut Option<Digest>) -> Result<RepairStep, ApiError> {
+        let mut step = RepairStep::default();
+        let Some(peers) = self.peers.clone() else {
+            step.done = true;
+            return Ok(step);
+        };
+        if !self.is_leader() {
+            step.done = true;
+            return Ok(step);
+        }
+        let batch = self
+            .state()
+            .blobs_after(cursor.as_ref(), REPAIR_BATCH_BLOBS)
+            .map_err(state_err)?;
+        if batch.len() < REPAIR_BATCH_BLOBS {
+            step.done = true;
+        }
+        *cursor = if step.done {
+            None
+        } else {
+            batch.last().map(|(d, _)| d.clone())
+        };
+        let members = self.members();
+        let ids: Vec<u64> = members.iter().map(|(id, _)| *id).collect();
+        let r = placement::replica_count(ids.len());
+        for (digest, rec) in batch {
+            step.examined += 1;
+            let mut live: Vec<u64> = rec
+                .holders
+                .iter()
+                .copied()
+                .filter(|h| ids.contains(h))
+                .collect();
+            if live.len() >= r && live.len() == rec.holders.len() {
+                continue;
+            }
+            if live.len() < r {
+                if self.blobs.blob_len(&digest).is_none() {
+                    if let Err(e) = self.fetch_from_holders(&digest).await {
+                        tracing::warn!(%digest, error = %e, "repair: no live holder could send the blob");
+                        continue;
+                    }
+                }
+                if !live.contains(&self.node_id) {
+                    live.push(self.node_id);
+                }
+                let bytes = match self.local_blob_bytes(&digest).await? {
+                    Some(b) => b,
+                    None => continue,
+                };
+                for target in placement::holders(&ids, &digest)
+                    .into_iter()
+                    .chain(ids.iter().copied())
+                {
+                    if live.len() >= r {
+                        break;
+                    }
+                    if live.contains(&target) {
+                        continue;
+                    }
+                    let Some((_, info)) = members.iter().find(|(id, _)| *id == target) else {
+                        continue;
+                    };
+                    match peers.put_blob(target, info, &digest, bytes.clone()).await {
+                        Ok(()) => live.push(target),
+                        Err(e) => {
+                            tracing::warn!(peer = target, %digest, error = %e, "repair copy failed")
+                        }
+                    }
+                }
+            }
+            match self
+                .propose(Command::BlobHoldersSet {
+                    digest: digest.clone(),
+                    holders: live,
+                })
+                .await?
+            {
+                Outcome::Done => step.repaired += 1,
+                o => tracing::warn!(%digest, outcome = ?o, "repair: holders not recorded"),
+            }
+        }
+        Ok(step)
+    }
+}

@@ -32,6 +32,8 @@ use crate::transport::quic::{NodeTls, QuicTransport};
 const UPLOAD_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
 /// Sessions examined per expiry pass, so one pass is bounded.
 const UPLOAD_EXPIRY_SCAN_MAX: usize = 10_000;
+/// Bound on repair steps per pass (each examines `REPAIR_BATCH_BLOBS` blobs).
+const REPAIR_STEPS_PER_PASS_MAX: usize = 100_000;
 /// How long a starting node waits for its group to elect a leader.
 const LEADER_WAIT: Duration = Duration::from_secs(30);
 
@@ -210,6 +212,38 @@ impl Node {
             })
         };
 
+        // The repair worker: one bounded step at a time, a full pass per interval, on the
+        // leader only (followers' steps return at once).
+        let repair = {
+            let registry = self.registry.clone();
+            let every = Duration::from_millis(self.config.cluster.repair_interval_ms.max(100));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tick.tick().await;
+                    let mut cursor = None;
+                    let mut repaired = 0;
+                    for _ in 0..REPAIR_STEPS_PER_PASS_MAX {
+                        match registry.repair_step(&mut cursor).await {
+                            Ok(s) => {
+                                repaired += s.repaired;
+                                if s.done {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "repair step failed");
+                                break;
+                            }
+                        }
+                    }
+                    if repaired > 0 {
+                        tracing::info!(repaired, "repair restored blob copies");
+                    }
+                }
+            })
+        };
+
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let grace = Duration::from_millis(self.config.http.shutdown_grace_ms);
         let app = self.router();
@@ -228,6 +262,7 @@ impl Node {
             }
         }
         expiry.abort();
+        repair.abort();
         self.raft.shutdown().await.ok();
         if let Some(t) = &self.transport {
             t.close();

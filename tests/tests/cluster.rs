@@ -41,7 +41,8 @@ fn node(dir: &Path, certs: &Path, id: u64, join: bool) -> Result<Server> {
     std::fs::write(
         &config,
         "[raft]\nlearner_catch_up_ms = 5000\nwrite_timeout_ms = 2000\n\
-         snapshot_logs_since_last = 300\nlogs_kept_after_snapshot = 50\n",
+         snapshot_logs_since_last = 300\nlogs_kept_after_snapshot = 50\n\
+         [cluster]\nrepair_interval_ms = 300\n",
     )?;
     let mut extra = vec![
         "--config".to_string(),
@@ -500,5 +501,89 @@ async fn with_two_of_three_down_pushes_fail_cleanly_and_pulls_work() -> Result<(
     for l in &layers {
         assert_eq!(c.get_blob("keep/app", &sha256_digest(l)).await?, *l);
     }
+    Ok(())
+}
+
+fn blob_path(dir: &Path, id: u64, digest: &str) -> std::path::PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    dir.join(format!("n{id}/store/blobs/sha256/{}/{hex}", &hex[..2]))
+}
+
+#[tokio::test]
+async fn removing_a_holder_restores_three_copies_on_the_others() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    portolan(&[
+        "cluster",
+        "init",
+        "--dir",
+        &certs.display().to_string(),
+        "--nodes",
+        "4",
+    ])?;
+    let n1 = node(dir.path(), &certs, 1, false)?;
+    let mut nodes = vec![n1];
+    for id in 2..=4u64 {
+        let n = node(dir.path(), &certs, id, true)?;
+        join(&nodes[0], &n, id).await?;
+        nodes.push(n);
+    }
+    // R = 3 of 4. The receiving node keeps its copy even when placement picked three
+    // others, so push until a blob has exactly three copies (3 in 4 chances per try).
+    let mut found = None;
+    for seed in 0..20u64 {
+        let layer = pseudo_random_bytes(4242 + seed, 200_000);
+        let d = sha256_digest(&layer);
+        OciClient::new(&nodes[0].url)
+            .push_image("rep/app", &format!("v{seed}"), std::slice::from_ref(&layer))
+            .await?;
+        let deadline = Instant::now() + SETTLE;
+        let holders = loop {
+            let h: Vec<u64> = (1..=4)
+                .filter(|id| blob_path(dir.path(), *id, &d).exists())
+                .collect();
+            if h.len() >= 3 || Instant::now() > deadline {
+                break h;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if holders.len() == 3 {
+            found = Some((d, holders));
+            break;
+        }
+    }
+    let (d, holders) = found.context("no blob landed on exactly three nodes in 20 pushes")?;
+    assert!(holders.len() >= 3, "only {holders:?} hold the blob");
+    let gone = *holders
+        .iter()
+        .find(|h| **h != 1)
+        .context("a holder besides node 1")?;
+    portolan(&[
+        "cluster",
+        "leave",
+        "--node",
+        &nodes[0].url,
+        "--id",
+        &gone.to_string(),
+    ])?;
+    nodes[(gone - 1) as usize].kill9();
+    let rest: Vec<u64> = (1..=4).filter(|id| *id != gone).collect();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let have: Vec<u64> = rest
+            .iter()
+            .copied()
+            .filter(|id| blob_path(dir.path(), *id, &d).exists())
+            .collect();
+        if have.len() == 3 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("after removing node {gone}, only {have:?} hold {d}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let st = status(&nodes[0]).await?;
+    assert_eq!(st["members"].as_array().map(|m| m.len()), Some(3), "{st}");
     Ok(())
 }
