@@ -10,6 +10,7 @@
 //! tags         acct repo 0x00 tag                                TagRecord
 //! referrers    acct repo 0x00 subject-digest 0x00 referrer-digest ReferrerRecord
 //! sm_meta      "last_applied" | "membership"                      opaque (the node's Raft types)
+//! sm_meta      "stats"                                            Stats
 //! raft_log     log index (u64 BE)                                 opaque Raft entry
 //! raft_meta    "vote" | "committed" | "last_purged"              opaque
 //! ```
@@ -135,6 +136,7 @@ pub fn decode_log_index(key: &[u8]) -> Option<u64> {
 
 pub const SM_LAST_APPLIED: &[u8] = b"last_applied";
 pub const SM_MEMBERSHIP: &[u8] = b"membership";
+pub const SM_STATS: &[u8] = b"stats";
 pub const RAFT_VOTE: &[u8] = b"vote";
 pub const RAFT_COMMITTED: &[u8] = b"committed";
 pub const RAFT_LAST_PURGED: &[u8] = b"last_purged";
@@ -154,6 +156,13 @@ pub struct BlobRecord {
     pub committed_ms: u64,
     /// Number of repository links.
     pub links: u64,
+}
+
+/// Totals kept by the state machine, so status needs no scan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub blobs: u64,
+    pub blob_bytes: u64,
 }
 
 /// A blob linked into a repository.

@@ -24,9 +24,11 @@ pub struct Limits {
     pub request_body_bytes_max: u64,
     /// Most Raft proposals waiting to be committed; past it writes answer 429.
     pub raft_proposals_max: u64,
-    /// Most concurrent HTTP requests a node serves; further connections wait in the kernel's
-    /// accept queue.
+    /// Most concurrent HTTP requests a node serves; past it 429.
     pub http_requests_inflight_max: u64,
+    /// Most blob bytes a node has in flight to its peers at once (replica writes and repair);
+    /// further copies wait.
+    pub replication_inflight_bytes_max: u64,
 }
 
 impl Default for Limits {
@@ -41,6 +43,7 @@ impl Default for Limits {
             request_body_bytes_max: 4 * 1024 * 1024,
             raft_proposals_max: 4096,
             http_requests_inflight_max: 1024,
+            replication_inflight_bytes_max: 1024 * 1024 * 1024,
         }
     }
 }

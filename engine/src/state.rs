@@ -128,6 +128,16 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
 
     // ---- reads ----
 
+    /// Blob count and bytes of the region.
+    pub fn stats(&self) -> Result<keys::Stats, StateError> {
+        Ok(self
+            .kv
+            .get(Cf::SmMeta, keys::SM_STATS)?
+            .map(|v| dec("stats", &v))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
     pub fn repo_exists(&self, acct: AccountId, repo: &RepoName) -> Result<bool, StateError> {
         Ok(self
             .kv
@@ -292,7 +302,14 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                 holders,
                 now_ms,
             } => {
-                let mut rec = self.blob(digest)?.unwrap_or(BlobRecord {
+                let existing = self.blob(digest)?;
+                if existing.is_none() {
+                    let mut stats = self.stats()?;
+                    stats.blobs += 1;
+                    stats.blob_bytes += size_bytes;
+                    batch.put(Cf::SmMeta, keys::SM_STATS.to_vec(), keys::encode(&stats));
+                }
+                let mut rec = existing.unwrap_or(BlobRecord {
                     size_bytes: *size_bytes,
                     holders: Vec::new(),
                     committed_ms: *now_ms,
@@ -627,6 +644,13 @@ mod tests {
         let l = commit_blob(kv, "app", b"abc");
         assert!(st.blob_link(a, &repo("app"), &c).unwrap().is_some());
         assert!(st.blob_link(a, &repo("other"), &c).unwrap().is_none());
+        assert_eq!(
+            st.stats().unwrap(),
+            keys::Stats {
+                blobs: 2,
+                blob_bytes: 5
+            }
+        );
 
         // A manifest whose blobs are missing is rejected and leaves no trace.
         let missing = Digest::sha256_of(b"missing");

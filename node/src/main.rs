@@ -270,13 +270,20 @@ fn cluster(cmd: ClusterCmd) -> Result<()> {
                 v["current_term"],
                 v["last_applied_index"]
             );
-            println!("{:>6}  {:<22}  {:<22}", "member", "http", "quic");
+            println!("blobs {}  bytes {}", v["blob_count"], v["blob_bytes"]);
+            println!(
+                "{:>6}  {:<22}  {:<22}  {:<6}  {:>8}  {:<10}",
+                "member", "http", "quic", "voter", "matched", "health"
+            );
             for m in v["members"].as_array().into_iter().flatten() {
                 println!(
-                    "{:>6}  {:<22}  {:<22}",
+                    "{:>6}  {:<22}  {:<22}  {:<6}  {:>8}  {:<10}",
                     m["id"],
                     m["http"].as_str().unwrap_or(""),
-                    m["quic"].as_str().unwrap_or("")
+                    m["quic"].as_str().unwrap_or(""),
+                    m["voter"],
+                    m["matched_index"],
+                    m["health"].as_str().unwrap_or(""),
                 );
             }
             Ok(())

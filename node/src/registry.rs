@@ -32,6 +32,56 @@ const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 
 type Session = Arc<Mutex<Option<UploadWriter>>>;
 
+/// Bounds the blob bytes a node has in flight to its peers (`replication_inflight_bytes_max`)
+/// and counts them for `/metrics`. Permits are KiB so the bound fits a semaphore.
+#[derive(Clone)]
+pub struct ReplicationGate {
+    permits: Arc<Semaphore>,
+    permits_total: u32,
+    pub copies_inflight: Arc<std::sync::atomic::AtomicU64>,
+    pub bytes_inflight: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ReplicationGate {
+    fn new(bytes_max: u64) -> ReplicationGate {
+        let permits_total = u32::try_from(bytes_max.div_ceil(1024).max(1)).unwrap_or(u32::MAX >> 4);
+        ReplicationGate {
+            permits: Arc::new(Semaphore::new(permits_total as usize)),
+            permits_total,
+            copies_inflight: Arc::default(),
+            bytes_inflight: Arc::default(),
+        }
+    }
+
+    /// Sends one replica once its bytes fit in the in-flight bound.
+    async fn send(
+        &self,
+        peers: &QuicTransport,
+        target: u64,
+        info: &NodeInfo,
+        digest: &Digest,
+        bytes: Bytes,
+    ) -> Result<(), crate::transport::TransportError> {
+        use std::sync::atomic::Ordering;
+        let want = u32::try_from((bytes.len() as u64).div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.permits_total);
+        let _permit = self
+            .permits
+            .acquire_many(want)
+            .await
+            .expect("replication semaphore is never closed");
+        self.copies_inflight.fetch_add(1, Ordering::Relaxed);
+        self.bytes_inflight
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let len = bytes.len() as u64;
+        let r = peers.put_blob(target, info, digest, bytes).await;
+        self.copies_inflight.fetch_sub(1, Ordering::Relaxed);
+        self.bytes_inflight.fetch_sub(len, Ordering::Relaxed);
+        r
+    }
+}
+
 pub struct NodeRegistry {
     pub node_id: u64,
     raft: Raft,
@@ -45,6 +95,7 @@ pub struct NodeRegistry {
     peers: Option<Arc<QuicTransport>>,
     /// `raft.write_timeout_ms`.
     write_timeout: std::time::Duration,
+    pub replication: ReplicationGate,
 }
 
 fn internal<E: std::fmt::Display>(e: E) -> ApiError {
@@ -96,6 +147,7 @@ impl NodeRegistry {
         write_timeout: std::time::Duration,
     ) -> Self {
         let proposals = Semaphore::new(limits.raft_proposals_max as usize);
+        let replication = ReplicationGate::new(limits.replication_inflight_bytes_max);
         NodeRegistry {
             node_id,
             raft,
@@ -104,6 +156,7 @@ impl NodeRegistry {
             limits,
             peers,
             write_timeout,
+            replication,
             sessions: std::sync::Mutex::new(HashMap::new()),
             proposals,
         }
@@ -246,10 +299,10 @@ impl NodeRegistry {
             .filter(|t| **t != self.node_id)
             .filter_map(|t| members.iter().find(|(id, _)| id == t))
         {
-            let peers = peers.clone();
+            let (peers, gate) = (peers.clone(), self.replication.clone());
             let (id, info, digest, bytes) = (*id, info.clone(), digest.clone(), bytes.clone());
             sends.push(tokio::spawn(async move {
-                let r = peers.put_blob(id, &info, &digest, bytes).await;
+                let r = gate.send(&peers, id, &info, &digest, bytes).await;
                 if let Err(e) = &r {
                     tracing::warn!(peer = id, %digest, error = %e, "replica write failed");
                 }
@@ -1089,7 +1142,11 @@ impl NodeRegistry {
                     let Some((_, info)) = members.iter().find(|(id, _)| *id == target) else {
                         continue;
                     };
-                    match peers.put_blob(target, info, &digest, bytes.clone()).await {
+                    match self
+                        .replication
+                        .send(&peers, target, info, &digest, bytes.clone())
+                        .await
+                    {
                         Ok(()) => live.push(target),
                         Err(e) => {
                             tracing::warn!(peer = target, %digest, error = %e, "repair copy failed")

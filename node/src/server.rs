@@ -284,12 +284,36 @@ struct StatusState {
 
 async fn status(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
     let m = st.raft.metrics().borrow().clone();
-    let members: Vec<serde_json::Value> = m
-        .membership_config
-        .membership()
+    let membership = m.membership_config.membership();
+    let last = m.last_log_index.unwrap_or(0);
+    let members: Vec<serde_json::Value> = membership
         .nodes()
-        .map(|(id, n)| serde_json::json!({ "id": id, "http": n.http, "quic": n.quic }))
+        .map(|(id, n)| {
+            // Health as the leader sees it: the last log index each member has matched.
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(id))
+                .map(|l| l.map_or(0, |l| l.index));
+            let health = match matched {
+                Some(i) if i >= last => "caught-up",
+                Some(_) => "lagging",
+                None if *id == st.registry.node_id => "self",
+                None => "unknown",
+            };
+            serde_json::json!({
+                "id": id,
+                "http": n.http,
+                "quic": n.quic,
+                "voter": membership.voter_ids().any(|v| v == *id),
+                "matched_index": matched,
+                "health": health,
+            })
+        })
         .collect();
+    let stats = engine::state::State::new(st.registry.kv().as_ref())
+        .stats()
+        .unwrap_or_default();
     let body = serde_json::json!({
         "node_id": st.registry.node_id,
         "self": { "http": st.self_info.http, "quic": st.self_info.quic },
@@ -303,6 +327,8 @@ async fn status(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
         "purged_index": m.purged.map(|l| l.index),
         "members": members,
         "open_upload_sessions": st.registry.open_sessions(),
+        "blob_count": stats.blobs,
+        "blob_bytes": stats.blob_bytes,
     });
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -342,6 +368,24 @@ async fn metrics(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
         "portolan_raft_is_leader",
         "1 when this node leads its region's Raft group.",
         u64::from(m.current_leader == Some(st.registry.node_id)),
+    );
+    g(
+        &mut out,
+        "portolan_replication_copies_inflight",
+        "Blob replicas being sent to peers.",
+        st.registry
+            .replication
+            .copies_inflight
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    g(
+        &mut out,
+        "portolan_replication_bytes_inflight",
+        "Blob bytes being sent to peers (bounded by limits.replication_inflight_bytes_max).",
+        st.registry
+            .replication
+            .bytes_inflight
+            .load(std::sync::atomic::Ordering::Relaxed),
     );
     g(
         &mut out,

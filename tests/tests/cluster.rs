@@ -143,6 +143,31 @@ async fn push_to_a_follower_is_pullable_from_every_node() -> Result<()> {
         let (_, by_digest) = c.get_manifest("team/app", &digest).await?;
         assert_eq!(by_digest, manifest);
     }
+    // Status: blob totals on every node, every member caught up as the leader sees it, and
+    // the CLI's table.
+    let leader = leader_index(&nodes, &[true; 3]).await?;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let st = status(&nodes[leader]).await?;
+        let healthy = st["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["health"] == "caught-up" || m["health"] == "self")
+            .count();
+        if healthy == 3 && st["blob_count"].as_u64() == Some(3) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("leader status never showed 3 healthy members and 3 blobs: {st}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let table = portolan(&["cluster", "status", "--node", &nodes[2].url])?;
+    assert!(
+        table.contains("member") && table.lines().count() >= 6,
+        "{table}"
+    );
     // R = min(3, members) = 3: every node holds every blob on its own disk, written before
     // the push was acknowledged (not fetched on the reads above: check the files exist).
     for id in 1..=3 {
