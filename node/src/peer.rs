@@ -8,25 +8,26 @@ use engine::Digest;
 
 use crate::raft::{NodeId, NodeInfo, Raft};
 use crate::registry::NodeRegistry;
-use crate::transport::{BlobBytes, BlobReader, PeerHandler, PeerRequest, PeerResponse};
+use crate::transport::quic::QuicTransport;
+use crate::transport::{BlobBytes, BlobReader, PeerHandler, PeerRequest, PeerResponse, Transport};
 
 /// The node's side of peer traffic. The transport starts before Raft (Raft needs the
 /// transport), so the node is attached once it exists; until then peers are refused.
-pub struct NodePeer {
-    node: OnceLock<(Raft, Arc<NodeRegistry>)>,
+pub struct NodePeer<T: Transport = QuicTransport> {
+    node: OnceLock<(Raft, Arc<NodeRegistry<T>>)>,
     /// `raft.learner_catch_up_ms`.
     pub catch_up: std::time::Duration,
 }
 
-impl NodePeer {
-    pub fn new(catch_up: std::time::Duration) -> NodePeer {
+impl<T: Transport> NodePeer<T> {
+    pub fn new(catch_up: std::time::Duration) -> Self {
         NodePeer {
             node: OnceLock::new(),
             catch_up,
         }
     }
 
-    pub fn attach(&self, raft: Raft, registry: Arc<NodeRegistry>) {
+    pub fn attach(&self, raft: Raft, registry: Arc<NodeRegistry<T>>) {
         let _ = self.node.set((raft, registry));
     }
 }
@@ -96,7 +97,7 @@ pub async fn remove_member(raft: &Raft, node_id: NodeId) -> Result<(), String> {
     Ok(())
 }
 
-impl PeerHandler for NodePeer {
+impl<T: Transport> PeerHandler for NodePeer<T> {
     async fn handle(&self, req: PeerRequest) -> PeerResponse {
         let Some((raft, _)) = self.node.get() else {
             return PeerResponse::Refused("node is starting".into());

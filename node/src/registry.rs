@@ -54,9 +54,9 @@ impl ReplicationGate {
     }
 
     /// Sends one replica once its bytes fit in the in-flight bound.
-    async fn send(
+    async fn send<T: Transport>(
         &self,
-        peers: &QuicTransport,
+        peers: &T,
         target: u64,
         info: &NodeInfo,
         digest: &Digest,
@@ -82,7 +82,7 @@ impl ReplicationGate {
     }
 }
 
-pub struct NodeRegistry {
+pub struct NodeRegistry<T: Transport = QuicTransport> {
     pub node_id: u64,
     raft: Raft,
     kv: Arc<RocksKv>,
@@ -92,7 +92,7 @@ pub struct NodeRegistry {
     sessions: std::sync::Mutex<HashMap<String, Session>>,
     proposals: Semaphore,
     /// Peer transport; `None` for a single node without peers.
-    peers: Option<Arc<QuicTransport>>,
+    peers: Option<Arc<T>>,
     /// `raft.write_timeout_ms`.
     write_timeout: std::time::Duration,
     pub replication: ReplicationGate,
@@ -136,14 +136,14 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(internal)?
 }
 
-impl NodeRegistry {
+impl<T: Transport> NodeRegistry<T> {
     pub fn new(
         node_id: u64,
         raft: Raft,
         kv: Arc<RocksKv>,
         blobs: BlobStore,
         limits: Limits,
-        peers: Option<Arc<QuicTransport>>,
+        peers: Option<Arc<T>>,
         write_timeout: std::time::Duration,
     ) -> Self {
         let proposals = Semaphore::new(limits.raft_proposals_max as usize);
@@ -302,7 +302,7 @@ impl NodeRegistry {
             let (peers, gate) = (peers.clone(), self.replication.clone());
             let (id, info, digest, bytes) = (*id, info.clone(), digest.clone(), bytes.clone());
             sends.push(tokio::spawn(async move {
-                let r = gate.send(&peers, id, &info, &digest, bytes).await;
+                let r = gate.send(peers.as_ref(), id, &info, &digest, bytes).await;
                 if let Err(e) = &r {
                     tracing::warn!(peer = id, %digest, error = %e, "replica write failed");
                 }
@@ -605,7 +605,7 @@ fn outcome_err(o: Outcome) -> ApiError {
     }
 }
 
-impl Registry for NodeRegistry {
+impl<T: Transport> Registry for NodeRegistry<T> {
     fn limits(&self) -> &Limits {
         &self.limits
     }
@@ -1047,7 +1047,7 @@ pub fn expire_uploads(store: &BlobStore, limits: &Limits, now_ms: u64, scan_max:
     n
 }
 
-impl NodeRegistry {
+impl<T: Transport> NodeRegistry<T> {
     /// Number of sessions currently held in memory.
     pub fn open_sessions(&self) -> usize {
         self.sessions.lock().expect("sessions lock").len()
@@ -1070,7 +1070,7 @@ pub struct RepairStep {
     pub done: bool,
 }
 
-impl NodeRegistry {
+impl<T: Transport> NodeRegistry<T> {
     /// Whether this node leads its region right now.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.node_id)
@@ -1144,7 +1144,7 @@ impl NodeRegistry {
                     };
                     match self
                         .replication
-                        .send(&peers, target, info, &digest, bytes.clone())
+                        .send(peers.as_ref(), target, info, &digest, bytes.clone())
                         .await
                     {
                         Ok(()) => live.push(target),

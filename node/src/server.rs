@@ -82,7 +82,7 @@ impl Node {
         let log = LogStore::new(kv.clone());
         let sm = StateMachine::new(kv.clone());
         let catch_up = Duration::from_millis(config.raft.learner_catch_up_ms);
-        let peer_handler = Arc::new(NodePeer::new(catch_up));
+        let peer_handler = Arc::new(NodePeer::<QuicTransport>::new(catch_up));
         let (raft, transport, quic_addr) = if config.cluster.quic_listen.is_empty() {
             let raft = Raft::new(node_id, rc, LocalNetwork, log, sm)
                 .await
