@@ -26,6 +26,8 @@ pub struct Limits {
     pub raft_proposals_max: u64,
     /// Most concurrent HTTP requests a node serves; past it 429.
     pub http_requests_inflight_max: u64,
+    /// Most open HTTP connections; further ones wait in the kernel's accept backlog.
+    pub http_connections_max: u64,
     /// Most blob bytes a node has in flight to its peers at once (replica writes and repair);
     /// further copies wait.
     pub replication_inflight_bytes_max: u64,
@@ -43,6 +45,7 @@ impl Default for Limits {
             request_body_bytes_max: 4 * 1024 * 1024,
             raft_proposals_max: 4096,
             http_requests_inflight_max: 1024,
+            http_connections_max: 4096,
             replication_inflight_bytes_max: 1024 * 1024 * 1024,
         }
     }

@@ -6,6 +6,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod dev_cluster;
+pub mod listener;
 pub mod peer;
 pub mod raft;
 pub mod registry;

@@ -27,6 +27,11 @@ use crate::raft::{NodeInfo, Raft, Request, Response};
 use crate::transport::quic::QuicTransport;
 use crate::transport::{BlobReader, PeerRequest, PeerResponse, Transport};
 
+/// A request body that sends nothing for this long is cut off (the session keeps what
+/// arrived before, up to its last checkpoint), so a stalled client cannot hold an upload's
+/// lock or a connection forever.
+const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Bytes gathered from a request body before they are handed to the disk in one write.
 const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 
@@ -479,7 +484,13 @@ impl<T: Transport> NodeRegistry<T> {
         let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER_BYTES);
         let mut result = Ok(());
         loop {
-            let next = body.next().await;
+            let next = match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next()).await {
+                Ok(n) => n,
+                Err(_) => Some(Err(std::io::Error::other(format!(
+                    "no body bytes for {} s",
+                    BODY_IDLE_TIMEOUT.as_secs()
+                )))),
+            };
             let done = next.is_none();
             match next {
                 Some(Ok(chunk)) => {
@@ -713,7 +724,15 @@ impl<T: Transport> Registry for NodeRegistry<T> {
         // body that outgrows the buffer continues as an upload session.
         let mut buf: Vec<u8> = Vec::new();
         let mut rest_of_body = None;
-        while let Some(chunk) = body.next().await {
+        while let Some(chunk) = tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next())
+            .await
+            .map_err(|_| {
+                ApiError::BlobUploadInvalid(format!(
+                    "no body bytes for {} s",
+                    BODY_IDLE_TIMEOUT.as_secs()
+                ))
+            })?
+        {
             let chunk = chunk.map_err(|e| {
                 ApiError::BlobUploadInvalid(format!("request body ended early: {e}"))
             })?;

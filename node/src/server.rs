@@ -12,7 +12,6 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use engine::blob_store::BlobStore;
 use engine::kv::RocksKv;
@@ -20,6 +19,7 @@ use registry_api::HttpMetrics;
 
 use crate::clock::now_ms;
 use crate::config::Config;
+use crate::listener::LimitedListener;
 use crate::peer::NodePeer;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{LocalNetwork, PeerNetwork};
@@ -182,9 +182,10 @@ impl Node {
     ) -> Result<()> {
         let listener = self.listener.take().context("node is already serving")?;
         let local = listener.local_addr().context("read bound address")?;
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+        let listener = LimitedListener::new(
+            listener,
+            usize::try_from(self.config.limits.http_connections_max).unwrap_or(usize::MAX),
+        );
         on_listen(local);
         tracing::info!(%local, node = self.config.node.id, region = %self.config.node.region, "serving");
 

@@ -2733,3 +2733,42 @@ mod hostile {
         reg.assert_alive().await;
     }
 }
+
+mod limits {
+    use super::*;
+
+    /// Idle connections cannot exhaust the node: past `limits.http_connections_max` new
+    /// connections wait in the backlog, and are served as soon as one closes.
+    #[tokio::test]
+    async fn connections_past_the_limit_wait_for_a_free_slot() {
+        if std::env::var("REGISTRY_UNDER_TEST").as_deref() == Ok("distribution") {
+            return; // a Portolan limit
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("portolan.toml");
+        std::fs::write(&config, "[limits]\nhttp_connections_max = 2\n").unwrap();
+        let server = Server::start_with(
+            &dir.path().join("data"),
+            "127.0.0.1:0",
+            &["--config".into(), config.display().to_string()],
+        )
+        .unwrap();
+        let idle1 = tokio::net::TcpStream::connect(&server.host).await.unwrap();
+        let idle2 = tokio::net::TcpStream::connect(&server.host).await.unwrap();
+        let url = format!("{}/v2/", server.url);
+        let waiting = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !waiting.is_finished(),
+            "a third connection was served while two were open"
+        );
+        drop(idle1);
+        let status = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("served once a slot freed")
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.as_u16(), 200);
+        drop(idle2);
+    }
+}
