@@ -218,11 +218,33 @@ async fn a_node_of_another_cluster_cannot_join() -> Result<()> {
     Ok(())
 }
 
+/// Stops a dev cluster (SIGTERM, which stops its nodes) however the test ends.
+struct DevClusterGuard(std::process::Child);
+
+impl Drop for DevClusterGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[tokio::test]
 async fn dev_cluster_starts_a_region_and_writes_cluster_json() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cdir = dir.path().join("dc");
-    let mut child = Command::new(portolan_bin())
+    let child = Command::new(portolan_bin())
         .args([
             "dev-cluster",
             "--regions",
@@ -236,11 +258,11 @@ async fn dev_cluster_starts_a_region_and_writes_cluster_json() -> Result<()> {
         .arg(&cdir)
         .stdout(std::process::Stdio::null())
         .spawn()?;
+    let mut child = DevClusterGuard(child);
     let json_path = cdir.join("cluster.json");
     let deadline = Instant::now() + Duration::from_secs(90);
     while !json_path.exists() {
         if Instant::now() > deadline {
-            let _ = child.kill();
             bail!("cluster.json was not written in time");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -275,15 +297,14 @@ async fn dev_cluster_starts_a_region_and_writes_cluster_json() -> Result<()> {
     assert_eq!(blob, layer);
     // SIGTERM stops the dev cluster and every node it started.
     Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if child.try_wait()?.is_some() {
+        if child.0.try_wait()?.is_some() {
             break;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
             bail!("dev-cluster did not stop on SIGTERM");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
