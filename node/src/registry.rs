@@ -449,8 +449,22 @@ impl<T: Transport> NodeRegistry<T> {
     }
 
     /// Takes the session's writer out of its slot (resuming from disk if needed) and checks it
-    /// belongs to `account`/`repo`.
+    /// belongs to `account`/`repo`; a session found nowhere is also dropped from the map.
     async fn take_writer(
+        &self,
+        slot: &mut Option<UploadWriter>,
+        account: AccountId,
+        repo: &RepoName,
+        id: &str,
+    ) -> Result<UploadWriter, ApiError> {
+        let r = self.take_writer_inner(slot, account, repo, id).await;
+        if r.is_err() && slot.is_none() {
+            self.forget(id);
+        }
+        r
+    }
+
+    async fn take_writer_inner(
         &self,
         slot: &mut Option<UploadWriter>,
         account: AccountId,
@@ -792,15 +806,7 @@ impl<T: Transport> Registry for NodeRegistry<T> {
     ) -> RegistryResult<UploadStatus> {
         let slot = self.session(id)?;
         let mut guard = slot.lock().await;
-        let w = match self.take_writer(&mut guard, account, repo, id).await {
-            Ok(w) => w,
-            Err(e) => {
-                if guard.is_none() {
-                    self.forget(id);
-                }
-                return Err(e);
-            }
-        };
+        let w = self.take_writer(&mut guard, account, repo, id).await?;
         let offset = w.offset();
         *guard = Some(w);
         Ok(UploadStatus {
@@ -819,15 +825,7 @@ impl<T: Transport> Registry for NodeRegistry<T> {
     ) -> RegistryResult<UploadStatus> {
         let slot = self.session(id)?;
         let mut guard = slot.lock().await;
-        let w = match self.take_writer(&mut guard, account, repo, id).await {
-            Ok(w) => w,
-            Err(e) => {
-                if guard.is_none() {
-                    self.forget(id);
-                }
-                return Err(e);
-            }
-        };
+        let w = self.take_writer(&mut guard, account, repo, id).await?;
         if let Some(start) = start {
             if start != w.offset() {
                 let offset = w.offset();
@@ -857,15 +855,7 @@ impl<T: Transport> Registry for NodeRegistry<T> {
     ) -> RegistryResult<()> {
         let slot = self.session(id)?;
         let mut guard = slot.lock().await;
-        let w = match self.take_writer(&mut guard, account, repo, id).await {
-            Ok(w) => w,
-            Err(e) => {
-                if guard.is_none() {
-                    self.forget(id);
-                }
-                return Err(e);
-            }
-        };
+        let w = self.take_writer(&mut guard, account, repo, id).await?;
         let (w, appended) = self.append(w, body).await;
         if let Err(e) = appended {
             let (w, _) = self.checkpoint(w).await;
