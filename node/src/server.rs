@@ -47,6 +47,7 @@ pub struct Node {
     transport: Option<Arc<QuicTransport>>,
     /// How peers and clients reach this node.
     pub self_info: NodeInfo,
+    committed_index: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Node {
@@ -80,6 +81,7 @@ impl Node {
         let rc = Arc::new(rc.validate().context("validate raft config")?);
         let node_id = config.node.id;
         let log = LogStore::new(kv.clone());
+        let committed_index = log.committed_index();
         let sm = StateMachine::new(kv.clone());
         let catch_up = Duration::from_millis(config.raft.learner_catch_up_ms);
         let peer_handler = Arc::new(NodePeer::<QuicTransport>::new(catch_up));
@@ -141,6 +143,7 @@ impl Node {
             listener: Some(listener),
             transport,
             self_info,
+            committed_index,
         })
     }
 
@@ -148,6 +151,7 @@ impl Node {
     pub fn router(&self) -> Router {
         let status_state = StatusState {
             raft: self.raft.clone(),
+            committed_index: self.committed_index.clone(),
             catch_up: Duration::from_millis(self.config.raft.learner_catch_up_ms),
             self_info: self.self_info.clone(),
             transport: self.transport.clone(),
@@ -275,6 +279,7 @@ impl Node {
 
 struct StatusState {
     raft: Raft,
+    committed_index: Arc<std::sync::atomic::AtomicU64>,
     catch_up: Duration,
     self_info: NodeInfo,
     transport: Option<Arc<QuicTransport>>,
@@ -323,6 +328,7 @@ async fn status(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
         "leader_id": m.current_leader,
         "current_term": m.current_term,
         "last_log_index": m.last_log_index,
+        "committed_index": st.committed_index.load(std::sync::atomic::Ordering::Relaxed),
         "last_applied_index": m.last_applied.map(|l| l.index),
         "snapshot_index": m.snapshot.map(|l| l.index),
         "purged_index": m.purged.map(|l| l.index),
@@ -357,6 +363,13 @@ async fn metrics(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
         "portolan_raft_last_log_index",
         "Index of the last Raft log entry.",
         m.last_log_index.unwrap_or(0),
+    );
+    g(
+        &mut out,
+        "portolan_raft_committed_index",
+        "Index of the last committed Raft entry.",
+        st.committed_index
+            .load(std::sync::atomic::Ordering::Relaxed),
     );
     g(
         &mut out,

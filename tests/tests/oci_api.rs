@@ -2772,3 +2772,60 @@ mod limits {
         drop(idle2);
     }
 }
+
+mod observability {
+    use super::*;
+
+    fn gauge(text: &str, name: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// `/metrics` in Prometheus text and `/_portolan/v1/status` reflect what happened.
+    #[tokio::test]
+    async fn metrics_and_status_follow_a_push() {
+        if std::env::var("REGISTRY_UNDER_TEST").as_deref() == Ok("distribution") {
+            return; // Portolan's own endpoints
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(dir.path()).unwrap();
+        let c = OciClient::new(&server.url);
+        c.push_image("obs/app", "v1", &[pseudo_random_bytes(5, 10_000)])
+            .await
+            .unwrap();
+        let text = reqwest::get(format!("{}/metrics", server.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            text.contains(
+                "portolan_http_requests_total{route=\"manifest\",method=\"PUT\",status=\"201\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "portolan_http_request_duration_seconds_bucket{route=\"upload\",le=\"+Inf\"}"
+        ));
+        assert!(gauge(&text, "portolan_http_bytes_in_total").unwrap() >= 10_000.0);
+        assert!(
+            gauge(&text, "portolan_raft_committed_index").unwrap() >= 3.0,
+            "{text}"
+        );
+        assert!(gauge(&text, "portolan_raft_applied_index").unwrap() >= 3.0);
+        assert_eq!(gauge(&text, "portolan_raft_is_leader"), Some(1.0));
+        let st: Value = reqwest::get(format!("{}/_portolan/v1/status", server.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(st["raft_role"], "Leader", "{st}");
+        assert_eq!(st["region"], "local");
+        assert_eq!(st["blob_count"], 2, "{st}");
+        assert_eq!(st["members"].as_array().map(|m| m.len()), Some(1));
+    }
+}

@@ -7,6 +7,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use engine::keys::{self, Cf};
@@ -21,19 +22,30 @@ const READ_BATCH_ENTRIES: usize = 1024;
 
 pub struct LogStore<S: KvStore> {
     kv: Arc<S>,
+    /// The last committed index openraft reported, for `/metrics`.
+    committed: Arc<AtomicU64>,
 }
 
 impl<S: KvStore> Clone for LogStore<S> {
     fn clone(&self) -> Self {
         LogStore {
             kv: self.kv.clone(),
+            committed: self.committed.clone(),
         }
     }
 }
 
 impl<S: KvStore> LogStore<S> {
     pub fn new(kv: Arc<S>) -> Self {
-        LogStore { kv }
+        LogStore {
+            kv,
+            committed: Arc::default(),
+        }
+    }
+
+    /// A handle on the committed index, updated as openraft commits.
+    pub fn committed_index(&self) -> Arc<AtomicU64> {
+        self.committed.clone()
     }
 
     fn meta<T: for<'de> serde::Deserialize<'de>>(
@@ -140,6 +152,9 @@ impl<S: KvStore> RaftLogStorage<TypeConfig> for LogStore<S> {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        if let Some(c) = committed {
+            self.committed.store(c.index, Ordering::Relaxed);
+        }
         // Not synced: a lost committed index is re-learned from the leader; it only lets a
         // restarted node apply what it already knows to be committed without waiting.
         self.put_meta(keys::RAFT_COMMITTED, &committed, false)
