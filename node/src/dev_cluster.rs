@@ -225,9 +225,24 @@ impl DevCluster {
                 };
                 let (child, http) = spawn(exe, &spec)?;
                 let pid = child.id();
+                // Tracked before anything else can fail, so a failed start stops this node too.
+                running.push(Running {
+                    entry: NodeEntry {
+                        node_id: id,
+                        region: region.clone(),
+                        http: http.clone(),
+                        quic: String::new(),
+                        pid,
+                        data_dir,
+                    },
+                    child,
+                });
                 let quic = quic_of(&http).await?;
+                if let Some(r) = running.last_mut() {
+                    r.entry.quic = quic.clone();
+                }
                 if i == 1 {
-                    first_http = http.clone();
+                    first_http = http;
                 } else if !is_member(&first_http, id).await? {
                     let body = serde_json::json!({ "node_id": id, "http": http, "quic": quic })
                         .to_string();
@@ -239,31 +254,9 @@ impl DevCluster {
                     )
                     .await?;
                     if status != 200 {
-                        running.push(Running {
-                            entry: NodeEntry {
-                                node_id: id,
-                                region: region.clone(),
-                                http,
-                                quic,
-                                pid,
-                                data_dir,
-                            },
-                            child,
-                        });
                         bail!("node {id} of {region} could not join ({status}): {text}");
                     }
                 }
-                running.push(Running {
-                    entry: NodeEntry {
-                        node_id: id,
-                        region: region.clone(),
-                        http,
-                        quic,
-                        pid,
-                        data_dir,
-                    },
-                    child,
-                });
             }
         }
         Ok(())
