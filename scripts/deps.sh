@@ -4,13 +4,14 @@
 #   scripts/deps.sh build   libclang (RocksDB's bindings are generated with it)
 #   scripts/deps.sh test    the above, plus the real clients and peers the tests drive:
 #                           skopeo, Debian's docker.io engine, the reference registry
-#                           (docker-registry), and cargo-nextest
+#                           (docker-registry), procps, and cargo-nextest
 set -eu
 
 want=${1:-build}
 pkgs=(libclang-dev clang)
 if [ "$want" = test ]; then
-    pkgs+=(skopeo docker.io docker-registry)
+    # procps: `kill` and `pgrep`, which the tests and scripts/docker-engine.sh use.
+    pkgs+=(skopeo docker.io docker-registry procps)
 fi
 
 as_root() {

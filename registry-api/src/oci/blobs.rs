@@ -106,11 +106,7 @@ pub(super) async fn delete<R: Registry>(
     digest: &Digest,
 ) -> Result<Response, ApiError> {
     st.registry.blob_delete(account, repo, digest).await?;
-    Ok(Response::builder()
-        .status(StatusCode::ACCEPTED)
-        .header(header::CONTENT_LENGTH, 0)
-        .body(Body::empty())
-        .expect("valid response"))
+    Ok(super::accepted())
 }
 
 #[cfg(test)]

@@ -127,11 +127,7 @@ pub(super) async fn delete<R: Registry>(
     st.registry
         .manifest_delete(account, repo, reference)
         .await?;
-    Ok(Response::builder()
-        .status(StatusCode::ACCEPTED)
-        .header(header::CONTENT_LENGTH, 0)
-        .body(Body::empty())
-        .expect("valid response"))
+    Ok(super::accepted())
 }
 
 #[cfg(test)]

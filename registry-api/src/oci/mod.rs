@@ -73,6 +73,15 @@ pub(crate) async fn handle<R: Registry>(
     }
 }
 
+/// `202 Accepted` with an empty body: the answer to a DELETE.
+pub(crate) fn accepted() -> Response {
+    Response::builder()
+        .status(StatusCode::ACCEPTED)
+        .header(header::CONTENT_LENGTH, 0)
+        .body(Body::empty())
+        .expect("static response")
+}
+
 /// Query parameters, bounded in count and length.
 pub(crate) fn query(parts: &Parts) -> Result<Vec<(String, String)>, ApiError> {
     let Some(q) = parts.uri.query() else {
