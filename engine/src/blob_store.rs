@@ -568,6 +568,138 @@ impl UploadWriter {
     }
 }
 
+/// The blob-store seam: what the node needs from local blob storage. `BlobStore` binds it to
+/// the file system; `mem_blobs::MemBlobStore` is the simulator's in-memory twin, which models
+/// fsync (bytes not yet made durable are lost on a simulated crash).
+///
+/// To ensure correctness an implementation must: never report a blob it cannot return whole
+/// with exactly the bytes of its digest; make `put_blob` and `finish_upload` durable before
+/// they return; never let an upload's durable offset exceed the bytes durably written.
+pub trait BlobBackend: Clone + Send + Sync + 'static {
+    type Writer: UploadWrite;
+    /// Whether calls may block on a disk: the node then runs them off its async threads.
+    const BLOCKING: bool;
+
+    /// Size of a committed blob, if this store has it.
+    fn blob_len(&self, d: &Digest) -> Option<u64>;
+    /// A committed blob's bytes (a memory map where the store has files).
+    fn read_blob(&self, d: &Digest) -> Result<bytes::Bytes, BlobError>;
+    /// Removes a committed blob (GC, or a failed replica write).
+    fn remove_blob(&self, d: &Digest) -> Result<(), BlobError>;
+    /// Stores `bytes` as a blob in one durable step; `tmp_id` is unique among concurrent calls.
+    fn put_blob(
+        &self,
+        expected: &Digest,
+        bytes: &[u8],
+        tmp_id: &str,
+    ) -> Result<StoredBlob, BlobError>;
+    /// Opens a new session with id `id` (chosen by the caller).
+    fn create_upload(
+        &self,
+        id: &str,
+        meta: UploadMeta,
+        now_ms: u64,
+    ) -> Result<Self::Writer, BlobError>;
+    /// Reopens a session from its last checkpoint.
+    fn resume_upload(&self, id: &str) -> Result<Self::Writer, BlobError>;
+    fn delete_upload(&self, id: &str) -> Result<(), BlobError>;
+    /// Up to `limit` sessions with the time each was last written.
+    fn list_uploads(&self, limit: usize) -> Result<Vec<(String, u64)>, BlobError>;
+    /// Verifies the session's bytes against `expected` and commits them as a blob; the
+    /// session is gone afterwards either way.
+    fn finish_upload(&self, w: Self::Writer, expected: &Digest) -> Result<StoredBlob, BlobError>;
+}
+
+/// An open upload session of a `BlobBackend`.
+pub trait UploadWrite: Send + 'static {
+    fn id(&self) -> &str;
+    /// Bytes received so far.
+    fn offset(&self) -> u64;
+    fn meta(&self) -> &UploadMeta;
+    /// Appends bytes (not yet durable).
+    fn write(&mut self, bytes: &[u8]) -> Result<(), BlobError>;
+    /// Makes everything written so far durable and resumable.
+    fn checkpoint(&mut self, now_ms: u64) -> Result<(), BlobError>;
+}
+
+impl BlobBackend for BlobStore {
+    type Writer = UploadWriter;
+    const BLOCKING: bool = true;
+
+    fn blob_len(&self, d: &Digest) -> Option<u64> {
+        BlobStore::blob_len(self, d)
+    }
+
+    fn read_blob(&self, d: &Digest) -> Result<bytes::Bytes, BlobError> {
+        let file = self.open_blob(d)?;
+        let path = self.blob_path(d);
+        if file.metadata().at(&path)?.len() == 0 {
+            return Ok(bytes::Bytes::new());
+        }
+        // SAFETY: blob files are immutable once renamed into place (written to a temporary
+        // name, fsynced, renamed) and are only ever unlinked, never truncated or rewritten,
+        // so the mapping cannot change under the reader.
+        let map = unsafe { memmap2::Mmap::map(&file) }.at(&path)?;
+        Ok(bytes::Bytes::from_owner(map))
+    }
+
+    fn remove_blob(&self, d: &Digest) -> Result<(), BlobError> {
+        BlobStore::remove_blob(self, d)
+    }
+
+    fn put_blob(
+        &self,
+        expected: &Digest,
+        bytes: &[u8],
+        tmp_id: &str,
+    ) -> Result<StoredBlob, BlobError> {
+        BlobStore::put_blob(self, expected, bytes, tmp_id)
+    }
+
+    fn create_upload(
+        &self,
+        id: &str,
+        meta: UploadMeta,
+        now_ms: u64,
+    ) -> Result<UploadWriter, BlobError> {
+        BlobStore::create_upload(self, id, meta, now_ms)
+    }
+
+    fn resume_upload(&self, id: &str) -> Result<UploadWriter, BlobError> {
+        BlobStore::resume_upload(self, id)
+    }
+
+    fn delete_upload(&self, id: &str) -> Result<(), BlobError> {
+        BlobStore::delete_upload(self, id)
+    }
+
+    fn list_uploads(&self, limit: usize) -> Result<Vec<(String, u64)>, BlobError> {
+        BlobStore::list_uploads(self, limit)
+    }
+
+    fn finish_upload(&self, w: UploadWriter, expected: &Digest) -> Result<StoredBlob, BlobError> {
+        w.finish(expected, self)
+    }
+}
+
+impl UploadWrite for UploadWriter {
+    fn id(&self) -> &str {
+        UploadWriter::id(self)
+    }
+    fn offset(&self) -> u64 {
+        UploadWriter::offset(self)
+    }
+    fn meta(&self) -> &UploadMeta {
+        UploadWriter::meta(self)
+    }
+    fn write(&mut self, bytes: &[u8]) -> Result<(), BlobError> {
+        UploadWriter::write(self, bytes)
+    }
+    fn checkpoint(&mut self, now_ms: u64) -> Result<(), BlobError> {
+        UploadWriter::checkpoint(self, now_ms)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,8 @@ use crate::keys::Cf;
 pub enum KvError {
     #[error("rocksdb: {0}")]
     Rocks(#[from] rocksdb::Error),
+    #[error("disk: {0}")]
+    Io(String),
     #[error("stored value under {cf:?} is corrupt: {reason}")]
     Corrupt { cf: Cf, reason: String },
 }
@@ -177,7 +179,9 @@ impl KvStore for RocksKv {
 type MemMap = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
 
 /// In-memory `KvStore`. Keeps the durable image (what survives a crash) apart from the live
-/// one: a synced write makes the live image durable.
+/// one, and the batches written since the last sync in order: a synced write makes them all
+/// durable; a crash keeps the durable image plus, at most, a prefix of those batches (each
+/// batch whole, as a write-ahead log would).
 #[derive(Default)]
 pub struct MemKv {
     inner: Mutex<MemInner>,
@@ -187,6 +191,32 @@ pub struct MemKv {
 struct MemInner {
     live: MemMap,
     durable: MemMap,
+    /// Batches applied to `live` but not yet to `durable`, oldest first.
+    unsynced: Vec<Vec<Op>>,
+    /// While set, every write fails (a full or failing disk).
+    failing: Option<String>,
+}
+
+fn apply(map: &mut MemMap, ops: &[Op]) {
+    for op in ops {
+        match op {
+            Op::Put(cf, k, v) => {
+                map.insert((*cf, k.clone()), v.clone());
+            }
+            Op::Delete(cf, k) => {
+                map.remove(&(*cf, k.clone()));
+            }
+            Op::DeleteRange(cf, s, e) => {
+                let keys: Vec<_> = map
+                    .range((*cf, s.clone())..(*cf, e.clone()))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in keys {
+                    map.remove(&k);
+                }
+            }
+        }
+    }
 }
 
 impl MemKv {
@@ -196,8 +226,25 @@ impl MemKv {
 
     /// Simulated crash: every write not yet synced is lost.
     pub fn crash(&self) {
+        self.crash_keeping(0);
+    }
+
+    /// Simulated crash that keeps the first `kept` unsynced batches (they reached the disk
+    /// before the power went); returns how many unsynced batches there were.
+    pub fn crash_keeping(&self, kept: usize) -> usize {
         let mut g = self.inner.lock().expect("memkv lock");
+        let g = &mut *g;
+        let n = g.unsynced.len();
+        for ops in g.unsynced.drain(..).take(kept) {
+            apply(&mut g.durable, &ops);
+        }
         g.live = g.durable.clone();
+        n
+    }
+
+    /// Makes every write fail with `reason` until called with `None`.
+    pub fn set_failing(&self, reason: Option<String>) {
+        self.inner.lock().expect("memkv lock").failing = reason;
     }
 }
 
@@ -229,28 +276,16 @@ impl KvStore for MemKv {
 
     fn write(&self, batch: Batch, sync: bool) -> Result<(), KvError> {
         let mut g = self.inner.lock().expect("memkv lock");
-        for op in batch.ops {
-            match op {
-                Op::Put(cf, k, v) => {
-                    g.live.insert((cf, k), v);
-                }
-                Op::Delete(cf, k) => {
-                    g.live.remove(&(cf, k));
-                }
-                Op::DeleteRange(cf, s, e) => {
-                    let keys: Vec<_> = g
-                        .live
-                        .range((cf, s)..(cf, e))
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    for k in keys {
-                        g.live.remove(&k);
-                    }
-                }
-            }
+        let g = &mut *g;
+        if let Some(reason) = &g.failing {
+            return Err(KvError::Io(reason.clone()));
         }
+        apply(&mut g.live, &batch.ops);
+        g.unsynced.push(batch.ops);
         if sync {
-            g.durable = g.live.clone();
+            for ops in g.unsynced.drain(..) {
+                apply(&mut g.durable, &ops);
+            }
         }
         Ok(())
     }

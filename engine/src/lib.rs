@@ -12,6 +12,7 @@ pub mod kv;
 pub mod limits;
 pub mod manifest;
 pub mod media;
+pub mod mem_blobs;
 pub mod name;
 pub mod state;
 

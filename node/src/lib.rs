@@ -10,8 +10,10 @@ pub mod listener;
 pub mod peer;
 pub mod raft;
 pub mod registry;
+pub mod rt;
 pub mod server;
 pub mod transport;
 
 pub use config::Config;
+pub use registry::{NodeRegistry, Platform, Production};
 pub use server::Node;

@@ -7,19 +7,18 @@ use std::sync::{Arc, OnceLock};
 use engine::Digest;
 
 use crate::raft::{NodeId, NodeInfo, Raft};
-use crate::registry::NodeRegistry;
-use crate::transport::quic::QuicTransport;
-use crate::transport::{BlobBytes, BlobReader, PeerHandler, PeerRequest, PeerResponse, Transport};
+use crate::registry::{NodeRegistry, Platform, Production};
+use crate::transport::{BlobBytes, BlobReader, PeerHandler, PeerRequest, PeerResponse};
 
 /// The node's side of peer traffic. The transport starts before Raft (Raft needs the
 /// transport), so the node is attached once it exists; until then peers are refused.
-pub struct NodePeer<T: Transport = QuicTransport> {
-    node: OnceLock<(Raft, Arc<NodeRegistry<T>>)>,
+pub struct NodePeer<P: Platform = Production> {
+    node: OnceLock<(Raft, Arc<NodeRegistry<P>>)>,
     /// `raft.learner_catch_up_ms`.
     pub catch_up: std::time::Duration,
 }
 
-impl<T: Transport> NodePeer<T> {
+impl<P: Platform> NodePeer<P> {
     pub fn new(catch_up: std::time::Duration) -> Self {
         NodePeer {
             node: OnceLock::new(),
@@ -27,7 +26,7 @@ impl<T: Transport> NodePeer<T> {
         }
     }
 
-    pub fn attach(&self, raft: Raft, registry: Arc<NodeRegistry<T>>) {
+    pub fn attach(&self, raft: Raft, registry: Arc<NodeRegistry<P>>) {
         let _ = self.node.set((raft, registry));
     }
 }
@@ -97,7 +96,7 @@ pub async fn remove_member(raft: &Raft, node_id: NodeId) -> Result<(), String> {
     Ok(())
 }
 
-impl<T: Transport> PeerHandler for NodePeer<T> {
+impl<P: Platform> PeerHandler for NodePeer<P> {
     async fn handle(&self, req: PeerRequest) -> PeerResponse {
         let Some((raft, _)) = self.node.get() else {
             return PeerResponse::Refused("node is starting".into());

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use engine::blob_store::{BlobError, BlobStore, StoredBlob, UploadMeta, UploadWriter};
+use engine::blob_store::{BlobBackend, BlobError, BlobStore, StoredBlob, UploadMeta, UploadWrite};
 use engine::keys::ReferrerRecord;
 use engine::kv::{KvStore, RocksKv};
 use engine::state::{Command, Outcome, State, StateError};
@@ -21,7 +21,7 @@ use registry_api::{
 };
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::clock::now_ms;
+use crate::clock::Clock;
 use crate::cluster::placement;
 use crate::raft::{NodeInfo, Raft, Request, Response};
 use crate::transport::quic::QuicTransport;
@@ -35,7 +35,34 @@ const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60
 /// Bytes gathered from a request body before they are handed to the disk in one write.
 const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 
-type Session = Arc<Mutex<Option<UploadWriter>>>;
+/// The environment a node runs in: its peer transport, metadata store and blob store.
+/// `Production` binds QUIC, RocksDB and the file system; the simulator binds its own twins.
+pub trait Platform: Send + Sync + 'static {
+    type Transport: Transport;
+    type Kv: KvStore;
+    type Blobs: BlobBackend;
+}
+
+/// QUIC between nodes, RocksDB for metadata, files for blobs.
+pub struct Production;
+
+impl Platform for Production {
+    type Transport = QuicTransport;
+    type Kv = RocksKv;
+    type Blobs = BlobStore;
+}
+
+type Writer<P> = <<P as Platform>::Blobs as BlobBackend>::Writer;
+type Session<P> = Arc<Mutex<Option<Writer<P>>>>;
+
+/// Promise-breaking switches for the simulator's self-test: with one on, the node breaks a
+/// promise of DESIGN.md on purpose, and a seed sweep must catch it. All off in production.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Bugs {
+    /// Linearizable reads skip the leader's read-index check (a deposed leader answers
+    /// from its stale state).
+    pub stale_leader_reads: bool,
+}
 
 /// Bounds the blob bytes a node has in flight to its peers (`replication_inflight_bytes_max`)
 /// and counts them for `/metrics`. Permits are KiB so the bound fits a semaphore.
@@ -87,17 +114,19 @@ impl ReplicationGate {
     }
 }
 
-pub struct NodeRegistry<T: Transport = QuicTransport> {
+pub struct NodeRegistry<P: Platform = Production> {
     pub node_id: u64,
     raft: Raft,
-    kv: Arc<RocksKv>,
-    blobs: BlobStore,
+    kv: Arc<P::Kv>,
+    blobs: P::Blobs,
+    clock: Arc<dyn Clock>,
+    pub bugs: Bugs,
     limits: Limits,
     /// Open sessions by id; bounded by `limits.uploads_open_max`.
-    sessions: std::sync::Mutex<HashMap<String, Session>>,
+    sessions: std::sync::Mutex<HashMap<String, Session<P>>>,
     proposals: Semaphore,
     /// Peer transport; `None` for a single node without peers.
-    peers: Option<Arc<T>>,
+    peers: Option<Arc<P::Transport>>,
     /// `raft.write_timeout_ms`.
     write_timeout: std::time::Duration,
     pub replication: ReplicationGate,
@@ -123,32 +152,34 @@ fn blob_err(e: BlobError) -> ApiError {
     }
 }
 
-/// A committed blob file as bytes, without reading it into memory.
-fn map_file(file: &std::fs::File) -> Result<Bytes, ApiError> {
-    if file.metadata().map_err(internal)?.len() == 0 {
-        return Ok(Bytes::new());
+/// Runs a blob-store call: on a blocking thread when the store does disk I/O, inline when it
+/// does not (the simulator's store, whose calls must stay on its one thread).
+async fn disk<B: BlobBackend, R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    if !B::BLOCKING {
+        return f();
     }
-    // SAFETY: blob files are immutable once renamed into place (written to a temporary name,
-    // fsynced, renamed) and are only ever unlinked, never truncated or rewritten, so the
-    // mapping cannot change under the reader.
-    let map = unsafe { memmap2::Mmap::map(file) }.map_err(internal)?;
-    Ok(Bytes::from_owner(map))
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
-async fn blocking<T: Send + 'static>(
+async fn blocking<B: BlobBackend, T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?
+    disk::<B, _>(f).await
 }
 
-impl<T: Transport> NodeRegistry<T> {
+impl<P: Platform> NodeRegistry<P> {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         node_id: u64,
         raft: Raft,
-        kv: Arc<RocksKv>,
-        blobs: BlobStore,
+        kv: Arc<P::Kv>,
+        blobs: P::Blobs,
+        clock: Arc<dyn Clock>,
         limits: Limits,
-        peers: Option<Arc<T>>,
+        peers: Option<Arc<P::Transport>>,
         write_timeout: std::time::Duration,
     ) -> Self {
         let proposals = Semaphore::new(limits.raft_proposals_max as usize);
@@ -158,6 +189,8 @@ impl<T: Transport> NodeRegistry<T> {
             raft,
             kv,
             blobs,
+            clock,
+            bugs: Bugs::default(),
             limits,
             peers,
             write_timeout,
@@ -167,15 +200,15 @@ impl<T: Transport> NodeRegistry<T> {
         }
     }
 
-    fn state(&self) -> State<'_, RocksKv> {
+    fn state(&self) -> State<'_, P::Kv> {
         State::new(self.kv.as_ref())
     }
 
-    pub fn blob_store(&self) -> &BlobStore {
+    pub fn blob_store(&self) -> &P::Blobs {
         &self.blobs
     }
 
-    pub fn kv(&self) -> &Arc<RocksKv> {
+    pub fn kv(&self) -> &Arc<P::Kv> {
         &self.kv
     }
 
@@ -273,6 +306,34 @@ impl<T: Transport> NodeRegistry<T> {
         }
     }
 
+    /// Resolves a tag linearizably: only the leader answers, after confirming with a quorum
+    /// that it still leads and applying everything committed before the read (the read
+    /// index). Answers `Unavailable` on any other node, or when leadership cannot be confirmed
+    /// within `raft.write_timeout_ms`.
+    pub async fn tag_linearizable(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        tag: &engine::Tag,
+    ) -> Result<Option<Digest>, ApiError> {
+        if !self.is_leader() {
+            return Err(ApiError::Unavailable(
+                "linearizable reads are answered by the region's leader".into(),
+            ));
+        }
+        if !self.bugs.stale_leader_reads {
+            tokio::time::timeout(self.write_timeout, self.raft.ensure_linearizable())
+                .await
+                .map_err(|_| ApiError::Unavailable("leadership not confirmed in time".into()))?
+                .map_err(|e| ApiError::Unavailable(format!("not confirmed as leader: {e}")))?;
+        }
+        Ok(self
+            .state()
+            .tag(account, repo, tag)
+            .map_err(state_err)?
+            .map(|t| t.digest))
+    }
+
     /// Voters and learners of the region, from the latest membership this node knows.
     pub fn members(&self) -> Vec<(u64, NodeInfo)> {
         let m = self.raft.metrics().borrow().membership_config.clone();
@@ -306,7 +367,7 @@ impl<T: Transport> NodeRegistry<T> {
         {
             let (peers, gate) = (peers.clone(), self.replication.clone());
             let (id, info, digest, bytes) = (*id, info.clone(), digest.clone(), bytes.clone());
-            sends.push(tokio::spawn(async move {
+            sends.push(crate::rt::spawn(async move {
                 let r = gate.send(peers.as_ref(), id, &info, &digest, bytes).await;
                 if let Err(e) = &r {
                     tracing::warn!(peer = id, %digest, error = %e, "replica write failed");
@@ -335,8 +396,8 @@ impl<T: Transport> NodeRegistry<T> {
     pub async fn local_blob_bytes(&self, digest: &Digest) -> Result<Option<Bytes>, ApiError> {
         let store = self.blobs.clone();
         let digest = digest.clone();
-        blocking(move || match store.open_blob(&digest) {
-            Ok(file) => map_file(&file).map(Some),
+        blocking::<P::Blobs, _>(move || match store.read_blob(&digest) {
+            Ok(bytes) => Ok(Some(bytes)),
             Err(BlobError::BlobUnknown(_)) => Ok(None),
             Err(e) => Err(blob_err(e)),
         })
@@ -360,16 +421,18 @@ impl<T: Transport> NodeRegistry<T> {
         if self.blobs.blob_len(&digest) == Some(size_bytes) {
             return Ok(());
         }
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let id = crate::rt::new_id();
         let store = self.blobs.clone();
         let meta = UploadMeta {
             account: AccountId::DEFAULT,
             repo: RepoName::parse("replica").expect("constant name is valid"),
-            created_ms: now_ms(),
+            created_ms: self.clock.now_ms(),
         };
         let now = meta.created_ms;
         let id2 = id.clone();
-        let w = blocking(move || store.create_upload(&id2, meta, now).map_err(blob_err)).await?;
+        let w =
+            blocking::<P::Blobs, _>(move || store.create_upload(&id2, meta, now).map_err(blob_err))
+                .await?;
         let stream: BodyStream = Box::pin(tokio_util::io::ReaderStream::with_capacity(
             body,
             WRITE_BUFFER_BYTES,
@@ -377,19 +440,21 @@ impl<T: Transport> NodeRegistry<T> {
         let (w, r) = self.append(w, stream).await;
         if let Err(e) = r {
             let store = self.blobs.clone();
-            let _ = blocking(move || store.delete_upload(&id).map_err(blob_err)).await;
+            let _ =
+                blocking::<P::Blobs, _>(move || store.delete_upload(&id).map_err(blob_err)).await;
             return Err(e);
         }
         if w.offset() != size_bytes {
             let store = self.blobs.clone();
-            let _ = blocking(move || store.delete_upload(&id).map_err(blob_err)).await;
+            let _ =
+                blocking::<P::Blobs, _>(move || store.delete_upload(&id).map_err(blob_err)).await;
             return Err(ApiError::BlobUploadInvalid(format!(
                 "replica of {digest} ended at {} of {size_bytes} bytes",
                 w.offset()
             )));
         }
         let store = self.blobs.clone();
-        blocking(move || w.finish(&digest, &store).map_err(blob_err)).await?;
+        blocking::<P::Blobs, _>(move || store.finish_upload(w, &digest).map_err(blob_err)).await?;
         Ok(())
     }
 
@@ -427,7 +492,7 @@ impl<T: Transport> NodeRegistry<T> {
         )))
     }
 
-    fn session(&self, id: &str) -> Result<Session, ApiError> {
+    fn session(&self, id: &str) -> Result<Session<P>, ApiError> {
         if !engine::blob_store::valid_upload_id(id) {
             return Err(ApiError::BlobUploadUnknown("(malformed id)".into()));
         }
@@ -439,7 +504,7 @@ impl<T: Transport> NodeRegistry<T> {
         if map.len() as u64 >= self.limits.uploads_open_max {
             return Err(ApiError::TooManyRequests("too many open uploads".into()));
         }
-        let s: Session = Arc::new(Mutex::new(None));
+        let s: Session<P> = Arc::new(Mutex::new(None));
         map.insert(id.to_string(), s.clone());
         Ok(s)
     }
@@ -452,11 +517,11 @@ impl<T: Transport> NodeRegistry<T> {
     /// belongs to `account`/`repo`; a session found nowhere is also dropped from the map.
     async fn take_writer(
         &self,
-        slot: &mut Option<UploadWriter>,
+        slot: &mut Option<Writer<P>>,
         account: AccountId,
         repo: &RepoName,
         id: &str,
-    ) -> Result<UploadWriter, ApiError> {
+    ) -> Result<Writer<P>, ApiError> {
         let r = self.take_writer_inner(slot, account, repo, id).await;
         if r.is_err() && slot.is_none() {
             self.forget(id);
@@ -466,17 +531,17 @@ impl<T: Transport> NodeRegistry<T> {
 
     async fn take_writer_inner(
         &self,
-        slot: &mut Option<UploadWriter>,
+        slot: &mut Option<Writer<P>>,
         account: AccountId,
         repo: &RepoName,
         id: &str,
-    ) -> Result<UploadWriter, ApiError> {
+    ) -> Result<Writer<P>, ApiError> {
         let w = match slot.take() {
             Some(w) => w,
             None => {
                 let store = self.blobs.clone();
                 let id = id.to_string();
-                blocking(move || store.resume_upload(&id).map_err(blob_err)).await?
+                blocking::<P::Blobs, _>(move || store.resume_upload(&id).map_err(blob_err)).await?
             }
         };
         if w.meta().account != account || &w.meta().repo != repo {
@@ -491,9 +556,9 @@ impl<T: Transport> NodeRegistry<T> {
     /// either way, so a request cut short leaves a resumable session).
     async fn append(
         &self,
-        mut w: UploadWriter,
+        mut w: Writer<P>,
         mut body: BodyStream,
-    ) -> (UploadWriter, Result<(), ApiError>) {
+    ) -> (Writer<P>, Result<(), ApiError>) {
         let max = self.limits.blob_bytes_max;
         let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER_BYTES);
         let mut result = Ok(());
@@ -528,19 +593,14 @@ impl<T: Transport> NodeRegistry<T> {
             }
             if buf.len() >= WRITE_BUFFER_BYTES || (done && !buf.is_empty()) {
                 let data = std::mem::replace(&mut buf, Vec::with_capacity(WRITE_BUFFER_BYTES));
-                let r = tokio::task::spawn_blocking(move || {
+                let (back, r) = disk::<P::Blobs, _>(move || {
                     let r = w.write(&data);
                     (w, r)
                 })
                 .await;
-                match r {
-                    Ok((back, r)) => {
-                        w = back;
-                        if let Err(e) = r {
-                            return (w, Err(blob_err(e)));
-                        }
-                    }
-                    Err(e) => panic!("upload write task panicked: {e}"),
+                w = back;
+                if let Err(e) = r {
+                    return (w, Err(blob_err(e)));
                 }
             }
             if done {
@@ -550,18 +610,14 @@ impl<T: Transport> NodeRegistry<T> {
         (w, result)
     }
 
-    async fn checkpoint(&self, w: UploadWriter) -> (UploadWriter, Result<(), ApiError>) {
-        let now = now_ms();
-        let r = tokio::task::spawn_blocking(move || {
+    async fn checkpoint(&self, w: Writer<P>) -> (Writer<P>, Result<(), ApiError>) {
+        let now = self.clock.now_ms();
+        disk::<P::Blobs, _>(move || {
             let mut w = w;
             let r = w.checkpoint(now).map_err(blob_err);
             (w, r)
         })
-        .await;
-        match r {
-            Ok(pair) => pair,
-            Err(e) => panic!("upload checkpoint task panicked: {e}"),
-        }
+        .await
     }
 
     /// Commits a blob whose bytes are durable in the local store.
@@ -579,7 +635,7 @@ impl<T: Transport> NodeRegistry<T> {
                 digest: stored.digest,
                 size_bytes: stored.size_bytes,
                 holders,
-                now_ms: now_ms(),
+                now_ms: self.clock.now_ms(),
             })
             .await?
         {
@@ -630,7 +686,7 @@ fn outcome_err(o: Outcome) -> ApiError {
     }
 }
 
-impl<T: Transport> Registry for NodeRegistry<T> {
+impl<P: Platform> Registry for NodeRegistry<P> {
     fn limits(&self) -> &Limits {
         &self.limits
     }
@@ -653,29 +709,24 @@ impl<T: Transport> Registry for NodeRegistry<T> {
         let size = self
             .blob_linked(account, repo, digest)?
             .ok_or_else(|| ApiError::BlobUnknown(digest.clone()))?;
-        let file = match self.blobs.open_blob(digest) {
-            Ok(f) => f,
-            Err(BlobError::BlobUnknown(_)) => {
+        let bytes = match self.local_blob_bytes(digest).await? {
+            Some(b) => b,
+            None => {
                 self.fetch_from_holders(digest).await?;
-                self.blobs.open_blob(digest).map_err(blob_err)?
+                self.local_blob_bytes(digest).await?.ok_or_else(|| {
+                    ApiError::Internal(format!("blob {digest} vanished after it was fetched"))
+                })?
             }
-            Err(e) => return Err(blob_err(e)),
         };
-        let len = file.metadata().map_err(internal)?.len();
+        let len = bytes.len() as u64;
         if len != size {
             return Err(ApiError::Internal(format!(
                 "blob {digest} is {len} bytes on disk, {size} in metadata"
             )));
         }
-        if size == 0 {
-            return Ok(BlobContent {
-                size_bytes: 0,
-                bytes: Bytes::new(),
-            });
-        }
         Ok(BlobContent {
             size_bytes: size,
-            bytes: map_file(&file)?,
+            bytes,
         })
     }
 
@@ -717,7 +768,7 @@ impl<T: Transport> Registry for NodeRegistry<T> {
                 repo: repo.clone(),
                 from: from.clone(),
                 digest: digest.clone(),
-                now_ms: now_ms(),
+                now_ms: self.clock.now_ms(),
             })
             .await?
         {
@@ -765,9 +816,11 @@ impl<T: Transport> Registry for NodeRegistry<T> {
         }
         let store = self.blobs.clone();
         let expected = digest.clone();
-        let tmp_id = uuid::Uuid::new_v4().simple().to_string();
-        let stored =
-            blocking(move || store.put_blob(&expected, &buf, &tmp_id).map_err(blob_err)).await?;
+        let tmp_id = crate::rt::new_id();
+        let stored = blocking::<P::Blobs, _>(move || {
+            store.put_blob(&expected, &buf, &tmp_id).map_err(blob_err)
+        })
+        .await?;
         self.commit_blob(account, repo, stored).await
     }
 
@@ -776,17 +829,20 @@ impl<T: Transport> Registry for NodeRegistry<T> {
         account: AccountId,
         repo: &RepoName,
     ) -> RegistryResult<UploadStatus> {
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let id = crate::rt::new_id();
         let slot = self.session(&id)?;
         let store = self.blobs.clone();
         let meta = UploadMeta {
             account,
             repo: repo.clone(),
-            created_ms: now_ms(),
+            created_ms: self.clock.now_ms(),
         };
         let now = meta.created_ms;
         let id2 = id.clone();
-        let w = match blocking(move || store.create_upload(&id2, meta, now).map_err(blob_err)).await
+        let w = match blocking::<P::Blobs, _>(move || {
+            store.create_upload(&id2, meta, now).map_err(blob_err)
+        })
+        .await
         {
             Ok(w) => w,
             Err(e) => {
@@ -865,7 +921,9 @@ impl<T: Transport> Registry for NodeRegistry<T> {
         let store = self.blobs.clone();
         let expected = digest.clone();
         // The session ends here whatever happens: committed, or gone on a digest mismatch.
-        let finished = blocking(move || w.finish(&expected, &store).map_err(blob_err)).await;
+        let finished =
+            blocking::<P::Blobs, _>(move || store.finish_upload(w, &expected).map_err(blob_err))
+                .await;
         drop(guard);
         self.forget(id);
         self.commit_blob(account, repo, finished?).await
@@ -885,7 +943,7 @@ impl<T: Transport> Registry for NodeRegistry<T> {
         w?;
         let store = self.blobs.clone();
         let id = id.to_string();
-        blocking(move || store.delete_upload(&id).map_err(blob_err)).await
+        blocking::<P::Blobs, _>(move || store.delete_upload(&id).map_err(blob_err)).await
     }
 
     async fn manifest_get(
@@ -964,7 +1022,7 @@ impl<T: Transport> Registry for NodeRegistry<T> {
                 media_type: parsed.media_type().to_string(),
                 bytes: bytes.to_vec(),
                 tag,
-                now_ms: now_ms(),
+                now_ms: self.clock.now_ms(),
             })
             .await?
         {
@@ -1041,7 +1099,12 @@ impl<T: Transport> Registry for NodeRegistry<T> {
 }
 
 /// Removes sessions idle longer than `upload_idle_ms_max`; returns how many.
-pub fn expire_uploads(store: &BlobStore, limits: &Limits, now_ms: u64, scan_max: usize) -> usize {
+pub fn expire_uploads<B: BlobBackend>(
+    store: &B,
+    limits: &Limits,
+    now_ms: u64,
+    scan_max: usize,
+) -> usize {
     let Ok(list) = store.list_uploads(scan_max) else {
         return 0;
     };
@@ -1056,7 +1119,7 @@ pub fn expire_uploads(store: &BlobStore, limits: &Limits, now_ms: u64, scan_max:
     n
 }
 
-impl<T: Transport> NodeRegistry<T> {
+impl<P: Platform> NodeRegistry<P> {
     /// Number of sessions currently held in memory.
     pub fn open_sessions(&self) -> usize {
         self.sessions.lock().expect("sessions lock").len()
@@ -1066,6 +1129,9 @@ impl<T: Transport> NodeRegistry<T> {
         self.kv.as_ref()
     }
 }
+
+/// Bound on repair steps per pass (each examines `REPAIR_BATCH_BLOBS` blobs).
+const REPAIR_STEPS_PER_PASS_MAX: usize = 100_000;
 
 /// Blobs examined per repair step, so one step is bounded whatever the region holds.
 const REPAIR_BATCH_BLOBS: usize = 256;
@@ -1079,10 +1145,38 @@ pub struct RepairStep {
     pub done: bool,
 }
 
-impl<T: Transport> NodeRegistry<T> {
+impl<P: Platform> NodeRegistry<P> {
     /// Whether this node leads its region right now.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
+    /// The repair worker: a full pass every `every`, one bounded step at a time, doing work
+    /// on the leader only (followers' steps return at once). Runs until its task is stopped.
+    pub async fn repair_loop(self: Arc<Self>, every: std::time::Duration) {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tick.tick().await;
+            let mut cursor = None;
+            let mut repaired = 0;
+            for _ in 0..REPAIR_STEPS_PER_PASS_MAX {
+                match self.repair_step(&mut cursor).await {
+                    Ok(s) => {
+                        repaired += s.repaired;
+                        if s.done {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "repair step failed");
+                        break;
+                    }
+                }
+            }
+            if repaired > 0 {
+                tracing::info!(repaired, "repair restored blob copies");
+            }
+        }
     }
 
     /// One step of the repair worker (run on the leader): examines a batch of blobs after

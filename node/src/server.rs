@@ -32,10 +32,24 @@ use crate::transport::quic::{NodeTls, QuicTransport};
 const UPLOAD_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
 /// Sessions examined per expiry pass, so one pass is bounded.
 const UPLOAD_EXPIRY_SCAN_MAX: usize = 10_000;
-/// Bound on repair steps per pass (each examines `REPAIR_BATCH_BLOBS` blobs).
-const REPAIR_STEPS_PER_PASS_MAX: usize = 100_000;
 /// How long a starting node waits for its group to elect a leader.
 const LEADER_WAIT: Duration = Duration::from_secs(30);
+
+/// openraft's settings from the node's `[raft]` section.
+pub fn raft_config(config: &Config) -> Result<Arc<openraft::Config>> {
+    let rc = openraft::Config {
+        cluster_name: format!("portolan-{}", config.node.region),
+        heartbeat_interval: config.raft.heartbeat_interval_ms,
+        election_timeout_min: config.raft.election_timeout_min_ms,
+        election_timeout_max: config.raft.election_timeout_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
+            config.raft.snapshot_logs_since_last,
+        ),
+        max_in_snapshot_log_to_keep: config.raft.logs_kept_after_snapshot,
+        ..Default::default()
+    };
+    Ok(Arc::new(rc.validate().context("validate raft config")?))
+}
 
 /// A running node.
 pub struct Node {
@@ -67,24 +81,13 @@ impl Node {
             .with_context(|| format!("bind {addr}"))?;
         let http_addr = listener.local_addr().context("read bound address")?;
 
-        let rc = openraft::Config {
-            cluster_name: format!("portolan-{}", config.node.region),
-            heartbeat_interval: config.raft.heartbeat_interval_ms,
-            election_timeout_min: config.raft.election_timeout_min_ms,
-            election_timeout_max: config.raft.election_timeout_max_ms,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
-                config.raft.snapshot_logs_since_last,
-            ),
-            max_in_snapshot_log_to_keep: config.raft.logs_kept_after_snapshot,
-            ..Default::default()
-        };
-        let rc = Arc::new(rc.validate().context("validate raft config")?);
+        let rc = raft_config(&config)?;
         let node_id = config.node.id;
         let log = LogStore::new(kv.clone());
         let committed_index = log.committed_index();
         let sm = StateMachine::new(kv.clone());
         let catch_up = Duration::from_millis(config.raft.learner_catch_up_ms);
-        let peer_handler = Arc::new(NodePeer::<QuicTransport>::new(catch_up));
+        let peer_handler = Arc::new(NodePeer::<crate::registry::Production>::new(catch_up));
         let (raft, transport, quic_addr) = if config.cluster.quic_listen.is_empty() {
             let raft = Raft::new(node_id, rc, LocalNetwork, log, sm)
                 .await
@@ -130,6 +133,7 @@ impl Node {
             raft.clone(),
             kv,
             blobs,
+            Arc::new(crate::clock::SystemClock),
             config.limits.clone(),
             transport.clone(),
             Duration::from_millis(config.raft.write_timeout_ms),
@@ -217,36 +221,10 @@ impl Node {
             })
         };
 
-        // The repair worker: one bounded step at a time, a full pass per interval, on the
-        // leader only (followers' steps return at once).
         let repair = {
             let registry = self.registry.clone();
             let every = Duration::from_millis(self.config.cluster.repair_interval_ms.max(100));
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                loop {
-                    tick.tick().await;
-                    let mut cursor = None;
-                    let mut repaired = 0;
-                    for _ in 0..REPAIR_STEPS_PER_PASS_MAX {
-                        match registry.repair_step(&mut cursor).await {
-                            Ok(s) => {
-                                repaired += s.repaired;
-                                if s.done {
-                                    break;
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "repair step failed");
-                                break;
-                            }
-                        }
-                    }
-                    if repaired > 0 {
-                        tracing::info!(repaired, "repair restored blob copies");
-                    }
-                }
-            })
+            tokio::spawn(registry.repair_loop(every))
         };
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

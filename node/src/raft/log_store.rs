@@ -24,6 +24,9 @@ pub struct LogStore<S: KvStore> {
     kv: Arc<S>,
     /// The last committed index openraft reported, for `/metrics`.
     committed: Arc<AtomicU64>,
+    /// Appends are fsynced before openraft is told they are durable. Only the simulator's
+    /// self-test turns this off, to show that a seed sweep catches the lost writes.
+    sync_appends: bool,
 }
 
 impl<S: KvStore> Clone for LogStore<S> {
@@ -31,6 +34,7 @@ impl<S: KvStore> Clone for LogStore<S> {
         LogStore {
             kv: self.kv.clone(),
             committed: self.committed.clone(),
+            sync_appends: self.sync_appends,
         }
     }
 }
@@ -40,6 +44,16 @@ impl<S: KvStore> LogStore<S> {
         LogStore {
             kv,
             committed: Arc::default(),
+            sync_appends: true,
+        }
+    }
+
+    /// A log store that acknowledges appends before they are durable: a deliberate bug for
+    /// the simulator's self-test (`--bug unsynced-log`). Never used by the node.
+    pub fn acknowledging_unsynced_appends(kv: Arc<S>) -> Self {
+        LogStore {
+            sync_appends: false,
+            ..LogStore::new(kv)
         }
     }
 
@@ -181,7 +195,7 @@ impl<S: KvStore> RaftLogStorage<TypeConfig> for LogStore<S> {
                 to_bytes(&e),
             );
         }
-        let res = self.kv.write(b, true);
+        let res = self.kv.write(b, self.sync_appends);
         match res {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));

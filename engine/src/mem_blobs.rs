@@ -1,0 +1,366 @@
+//! The in-memory twin of the blob store, for the simulator. It keeps the same promises as
+//! `BlobStore` and models what a crash does to a disk: a committed blob is durable (it was
+//! fsynced before `put_blob`/`finish_upload` returned); an upload keeps only the bytes of its
+//! last checkpoint, and one never checkpointed may vanish.
+//!
+//! Owns: the durable/live split of upload bytes, injected disk failures.
+//! Never: sleeps or reads a clock — slow disks are modelled by the caller.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::blob_store::{
+    valid_upload_id, BlobBackend, BlobError, StoredBlob, UploadMeta, UploadWrite,
+};
+use crate::digest::Digest;
+
+/// In-memory blob store; clones share one store (one node's disk).
+#[derive(Clone, Default)]
+pub struct MemBlobStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    blobs: BTreeMap<Digest, Bytes>,
+    uploads: BTreeMap<String, Upload>,
+    /// While set, every write fails (a full or failing disk).
+    failing: Option<String>,
+    /// Bumped by every crash: writers opened before it belong to a dead process.
+    generation: u64,
+}
+
+struct Upload {
+    meta: UploadMeta,
+    data: Vec<u8>,
+    /// Bytes covered by the last checkpoint (durable).
+    durable_len: usize,
+    /// Whether the session itself survived a crash (checkpointed at least once).
+    checkpointed: bool,
+    updated_ms: u64,
+}
+
+fn injected(what: &str, reason: &str) -> BlobError {
+    BlobError::Io {
+        path: format!("mem:{what}").into(),
+        source: std::io::Error::other(reason.to_string()),
+    }
+}
+
+impl MemBlobStore {
+    pub fn new() -> MemBlobStore {
+        MemBlobStore::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("mem blob store lock")
+    }
+
+    /// Simulated crash: uploads fall back to their last checkpoint; sessions never
+    /// checkpointed are gone; committed blobs stay.
+    pub fn crash(&self) {
+        let mut g = self.lock();
+        g.generation += 1;
+        g.uploads.retain(|_, u| u.checkpointed);
+        for u in g.uploads.values_mut() {
+            u.data.truncate(u.durable_len);
+        }
+    }
+
+    /// Makes every write fail with `reason` until called with `None`.
+    pub fn set_failing(&self, reason: Option<String>) {
+        self.lock().failing = reason;
+    }
+
+    /// Digests of every committed blob, in order.
+    pub fn digests(&self) -> Vec<Digest> {
+        self.lock().blobs.keys().cloned().collect()
+    }
+
+    /// Number of open upload sessions.
+    pub fn uploads(&self) -> usize {
+        self.lock().uploads.len()
+    }
+
+    fn check_writable(g: &Inner, what: &str) -> Result<(), BlobError> {
+        match &g.failing {
+            Some(reason) => Err(injected(what, reason)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An open session of a `MemBlobStore`.
+pub struct MemUploadWriter {
+    id: String,
+    meta: UploadMeta,
+    offset: u64,
+    generation: u64,
+    store: MemBlobStore,
+}
+
+impl MemUploadWriter {
+    fn with_upload<R>(
+        &self,
+        f: impl FnOnce(&mut Upload) -> Result<R, BlobError>,
+    ) -> Result<R, BlobError> {
+        let mut g = self.store.lock();
+        MemBlobStore::check_writable(&g, &self.id)?;
+        if g.generation != self.generation {
+            return Err(injected(&self.id, "session opened before a crash"));
+        }
+        let u = g
+            .uploads
+            .get_mut(&self.id)
+            .ok_or_else(|| BlobError::UploadUnknown(self.id.clone()))?;
+        f(u)
+    }
+}
+
+impl UploadWrite for MemUploadWriter {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    fn meta(&self) -> &UploadMeta {
+        &self.meta
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), BlobError> {
+        let offset = self.offset;
+        self.with_upload(|u| {
+            u.data.truncate(offset as usize);
+            u.data.extend_from_slice(bytes);
+            Ok(())
+        })?;
+        self.offset += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, now_ms: u64) -> Result<(), BlobError> {
+        let offset = self.offset as usize;
+        self.with_upload(|u| {
+            u.durable_len = offset.min(u.data.len());
+            u.checkpointed = true;
+            u.updated_ms = now_ms;
+            Ok(())
+        })
+    }
+}
+
+impl BlobBackend for MemBlobStore {
+    type Writer = MemUploadWriter;
+    const BLOCKING: bool = false;
+
+    fn blob_len(&self, d: &Digest) -> Option<u64> {
+        self.lock().blobs.get(d).map(|b| b.len() as u64)
+    }
+
+    fn read_blob(&self, d: &Digest) -> Result<Bytes, BlobError> {
+        self.lock()
+            .blobs
+            .get(d)
+            .cloned()
+            .ok_or_else(|| BlobError::BlobUnknown(d.clone()))
+    }
+
+    fn remove_blob(&self, d: &Digest) -> Result<(), BlobError> {
+        let mut g = self.lock();
+        Self::check_writable(&g, "remove")?;
+        g.blobs.remove(d);
+        Ok(())
+    }
+
+    fn put_blob(
+        &self,
+        expected: &Digest,
+        bytes: &[u8],
+        tmp_id: &str,
+    ) -> Result<StoredBlob, BlobError> {
+        if !valid_upload_id(tmp_id) {
+            return Err(BlobError::BadUploadId);
+        }
+        let actual = Digest::of(expected.algorithm(), bytes);
+        if &actual != expected {
+            return Err(BlobError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        let mut g = self.lock();
+        Self::check_writable(&g, tmp_id)?;
+        g.blobs
+            .entry(actual.clone())
+            .or_insert_with(|| Bytes::copy_from_slice(bytes));
+        Ok(StoredBlob {
+            digest: actual,
+            size_bytes: bytes.len() as u64,
+        })
+    }
+
+    fn create_upload(
+        &self,
+        id: &str,
+        meta: UploadMeta,
+        now_ms: u64,
+    ) -> Result<MemUploadWriter, BlobError> {
+        if !valid_upload_id(id) {
+            return Err(BlobError::BadUploadId);
+        }
+        let mut g = self.lock();
+        Self::check_writable(&g, id)?;
+        if g.uploads.contains_key(id) {
+            return Err(injected(id, "upload already exists"));
+        }
+        g.uploads.insert(
+            id.to_string(),
+            Upload {
+                meta: meta.clone(),
+                data: Vec::new(),
+                durable_len: 0,
+                checkpointed: false,
+                updated_ms: now_ms,
+            },
+        );
+        Ok(MemUploadWriter {
+            id: id.to_string(),
+            meta,
+            offset: 0,
+            generation: g.generation,
+            store: self.clone(),
+        })
+    }
+
+    fn resume_upload(&self, id: &str) -> Result<MemUploadWriter, BlobError> {
+        if !valid_upload_id(id) {
+            return Err(BlobError::BadUploadId);
+        }
+        let mut g = self.lock();
+        let generation = g.generation;
+        let u = g
+            .uploads
+            .get_mut(id)
+            .ok_or_else(|| BlobError::UploadUnknown(id.to_string()))?;
+        // Like the file store: the session resumes at its checkpoint, whatever came after.
+        u.data.truncate(u.durable_len);
+        Ok(MemUploadWriter {
+            id: id.to_string(),
+            meta: u.meta.clone(),
+            offset: u.durable_len as u64,
+            generation,
+            store: self.clone(),
+        })
+    }
+
+    fn delete_upload(&self, id: &str) -> Result<(), BlobError> {
+        if !valid_upload_id(id) {
+            return Err(BlobError::BadUploadId);
+        }
+        match self.lock().uploads.remove(id) {
+            Some(_) => Ok(()),
+            None => Err(BlobError::UploadUnknown(id.to_string())),
+        }
+    }
+
+    fn list_uploads(&self, limit: usize) -> Result<Vec<(String, u64)>, BlobError> {
+        Ok(self
+            .lock()
+            .uploads
+            .iter()
+            .take(limit)
+            .map(|(id, u)| (id.clone(), u.updated_ms))
+            .collect())
+    }
+
+    fn finish_upload(
+        &self,
+        w: MemUploadWriter,
+        expected: &Digest,
+    ) -> Result<StoredBlob, BlobError> {
+        let data = w.with_upload(|u| {
+            u.data.truncate(w.offset as usize);
+            Ok(std::mem::take(&mut u.data))
+        })?;
+        let mut g = self.lock();
+        g.uploads.remove(&w.id);
+        let actual = Digest::of(expected.algorithm(), &data);
+        if &actual != expected {
+            return Err(BlobError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        let size_bytes = data.len() as u64;
+        g.blobs.entry(actual.clone()).or_insert(Bytes::from(data));
+        Ok(StoredBlob {
+            digest: actual,
+            size_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::name::{AccountId, RepoName};
+
+    fn meta() -> UploadMeta {
+        UploadMeta {
+            account: AccountId::DEFAULT,
+            repo: RepoName::parse("a/b").unwrap(),
+            created_ms: 1,
+        }
+    }
+
+    #[test]
+    fn crash_keeps_checkpoints_and_committed_blobs() {
+        let s = MemBlobStore::new();
+        let d = Digest::sha256_of(b"hello");
+        s.put_blob(&d, b"hello", "t1").unwrap();
+        let mut w = s.create_upload("u1", meta(), 1).unwrap();
+        w.write(b"abc").unwrap();
+        w.checkpoint(2).unwrap();
+        w.write(b"def").unwrap();
+        let mut lost = s.create_upload("u2", meta(), 1).unwrap();
+        lost.write(b"x").unwrap();
+        s.crash();
+        assert_eq!(s.read_blob(&d).unwrap(), Bytes::from_static(b"hello"));
+        assert!(matches!(
+            s.resume_upload("u2"),
+            Err(BlobError::UploadUnknown(_))
+        ));
+        assert!(
+            w.write(b"g").is_err(),
+            "a writer from before the crash is dead"
+        );
+        let mut w = s.resume_upload("u1").unwrap();
+        assert_eq!(w.offset(), 3);
+        w.write(b"def").unwrap();
+        let stored = s.finish_upload(w, &Digest::sha256_of(b"abcdef")).unwrap();
+        assert_eq!(stored.size_bytes, 6);
+        assert_eq!(s.uploads(), 0);
+    }
+
+    #[test]
+    fn failing_disk_refuses_writes_and_bad_digests_commit_nothing() {
+        let s = MemBlobStore::new();
+        s.set_failing(Some("disk full".into()));
+        let d = Digest::sha256_of(b"x");
+        assert!(matches!(
+            s.put_blob(&d, b"x", "t"),
+            Err(BlobError::Io { .. })
+        ));
+        s.set_failing(None);
+        let w = s.create_upload("u", meta(), 1).unwrap();
+        let r = s.finish_upload(w, &d);
+        assert!(matches!(r, Err(BlobError::DigestMismatch { .. })));
+        assert!(s.digests().is_empty());
+        assert_eq!(s.uploads(), 0);
+    }
+}

@@ -1,0 +1,282 @@
+//! Simulated nodes: the real `NodeRegistry`, openraft group, peer handler and repair worker
+//! of the node crate, on the simulator's network, in-memory disks and clock.
+//!
+//! A node's "process" is its `TaskScope`: every task it runs (Raft, replication, requests it
+//! serves) belongs to the scope, and a crash stops them all at once. Its "disk" (`MemKv`,
+//! `MemBlobStore`) outlives the process and loses what was not synced.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use engine::kv::MemKv;
+use engine::mem_blobs::MemBlobStore;
+use node::clock::Clock;
+use node::peer::NodePeer;
+use node::raft::log_store::LogStore;
+use node::raft::network::PeerNetwork;
+use node::raft::state_machine::StateMachine;
+use node::raft::{NodeId, NodeInfo, Raft};
+use node::rt::{self, TaskScope};
+use node::NodeRegistry;
+
+use crate::net::{SimNet, SimTransport};
+use crate::{Bug, SimPlatform};
+
+/// Simulated wall-clock time starts here (2026-01-01T00:00:00Z), so stamps are realistic.
+const EPOCH_MS: u64 = 1_767_225_600_000;
+
+/// How often each node's repair worker runs a pass.
+const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Wall-clock time of one node: simulated time plus the node's skew.
+pub struct SimClock {
+    start: tokio::time::Instant,
+    skew_ms: AtomicI64,
+}
+
+impl SimClock {
+    fn new(start: tokio::time::Instant) -> SimClock {
+        SimClock {
+            start,
+            skew_ms: AtomicI64::new(0),
+        }
+    }
+
+    pub fn set_skew_ms(&self, skew: i64) {
+        self.skew_ms.store(skew, Ordering::Relaxed);
+    }
+}
+
+impl Clock for SimClock {
+    fn now_ms(&self) -> u64 {
+        let elapsed = self.start.elapsed().as_millis() as i64;
+        (EPOCH_MS as i64 + elapsed + self.skew_ms.load(Ordering::Relaxed)).max(0) as u64
+    }
+}
+
+/// A request that got no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RequestError {
+    /// The node was down: the request was refused, nothing happened.
+    #[error("node {0} is down")]
+    Down(NodeId),
+    /// The node crashed while serving: the outcome is unknown.
+    #[error("node {0} crashed while serving the request")]
+    Crashed(NodeId),
+}
+
+/// A running node's handles.
+#[derive(Clone)]
+pub struct Running {
+    pub scope: Arc<TaskScope>,
+    pub raft: Raft,
+    pub registry: Arc<NodeRegistry<SimPlatform>>,
+}
+
+/// One node: its durable parts, and its process while it is up.
+pub struct SimNode {
+    pub id: NodeId,
+    pub region: usize,
+    pub kv: Arc<MemKv>,
+    pub blobs: MemBlobStore,
+    pub clock: Arc<SimClock>,
+    pub up: Option<Running>,
+}
+
+/// Every node of every region, and the network between them.
+pub struct Cluster {
+    pub net: SimNet,
+    pub nodes: Mutex<BTreeMap<NodeId, SimNode>>,
+    /// Node ids of each region, in order.
+    pub regions: Vec<Vec<NodeId>>,
+    pub bug: Option<Bug>,
+    config: node::Config,
+}
+
+pub fn node_info(id: NodeId) -> NodeInfo {
+    NodeInfo {
+        http: format!("sim-node-{id}:5000"),
+        quic: format!("sim-node-{id}:5001"),
+    }
+}
+
+impl Cluster {
+    pub fn new(regions: usize, nodes_per_region: usize, net: SimNet, bug: Option<Bug>) -> Cluster {
+        let start = tokio::time::Instant::now();
+        let mut nodes = BTreeMap::new();
+        let mut ids = Vec::new();
+        for r in 0..regions {
+            let mut region = Vec::new();
+            for n in 0..nodes_per_region {
+                let id = (r * 100 + n + 1) as NodeId;
+                net.add_node(id, r);
+                nodes.insert(
+                    id,
+                    SimNode {
+                        id,
+                        region: r,
+                        kv: Arc::new(MemKv::new()),
+                        blobs: MemBlobStore::new(),
+                        clock: Arc::new(SimClock::new(start)),
+                        up: None,
+                    },
+                );
+                region.push(id);
+            }
+            ids.push(region);
+        }
+        let mut config = node::Config::default();
+        // Small snapshot intervals, so snapshots are built and installed under faults too.
+        config.raft.snapshot_logs_since_last = 300;
+        config.raft.logs_kept_after_snapshot = 100;
+        Cluster {
+            net,
+            nodes: Mutex::new(nodes),
+            regions: ids,
+            bug,
+            config,
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, SimNode>> {
+        self.nodes.lock().expect("cluster lock")
+    }
+
+    pub fn region_of(&self, id: NodeId) -> usize {
+        self.lock()[&id].region
+    }
+
+    /// The handles of a node that is up.
+    pub fn running(&self, id: NodeId) -> Option<Running> {
+        self.lock().get(&id).and_then(|n| n.up.clone())
+    }
+
+    pub fn is_up(&self, id: NodeId) -> bool {
+        self.running(id).is_some()
+    }
+
+    /// Starts (or restarts) a node's process on its disk.
+    pub async fn start(&self, id: NodeId) -> Result<(), String> {
+        let (kv, blobs, clock, region) = {
+            let g = self.lock();
+            let n = &g[&id];
+            if n.up.is_some() {
+                return Ok(());
+            }
+            (n.kv.clone(), n.blobs.clone(), n.clock.clone(), n.region)
+        };
+        let scope = Arc::new(TaskScope::default());
+        let transport = Arc::new(SimTransport {
+            me: id,
+            net: self.net.clone(),
+        });
+        let rc = node::server::raft_config(&self.config).map_err(|e| e.to_string())?;
+        let log = if self.bug == Some(Bug::UnsyncedLog) {
+            LogStore::acknowledging_unsynced_appends(kv.clone())
+        } else {
+            LogStore::new(kv.clone())
+        };
+        let sm = StateMachine::new(kv.clone());
+        let net = PeerNetwork {
+            transport: transport.clone(),
+        };
+        let raft = scope
+            .enter(Raft::new(id, rc, net, log, sm))
+            .await
+            .map_err(|e| format!("start raft on node {id}: {e}"))?;
+        let mut registry = NodeRegistry::<SimPlatform>::new(
+            id,
+            raft.clone(),
+            kv,
+            blobs,
+            clock as Arc<dyn Clock>,
+            self.config.limits.clone(),
+            Some(transport),
+            Duration::from_millis(self.config.raft.write_timeout_ms),
+        );
+        registry.bugs.stale_leader_reads = self.bug == Some(Bug::StaleLeaderReads);
+        let registry = Arc::new(registry);
+        let peer = Arc::new(NodePeer::<SimPlatform>::new(Duration::from_millis(
+            self.config.raft.learner_catch_up_ms,
+        )));
+        peer.attach(raft.clone(), registry.clone());
+        rt::spawn_in(&scope, registry.clone().repair_loop(REPAIR_INTERVAL));
+        let first_of_region = self.regions[region][0] == id;
+        if first_of_region && !raft.is_initialized().await.map_err(|e| e.to_string())? {
+            let members: BTreeMap<NodeId, NodeInfo> = self.regions[region]
+                .iter()
+                .map(|m| (*m, node_info(*m)))
+                .collect();
+            raft.initialize(members)
+                .await
+                .map_err(|e| format!("bootstrap region {region}: {e}"))?;
+        }
+        self.net.attach(id, peer, scope.clone());
+        self.lock().get_mut(&id).expect("node exists").up = Some(Running {
+            scope,
+            raft,
+            registry,
+        });
+        Ok(())
+    }
+
+    /// Stops a node's process at once; its disks lose what was not synced, except the first
+    /// `kept_unsynced` metadata batches (they reached the platter before the power went).
+    pub fn crash(&self, id: NodeId, kept_unsynced: usize) {
+        self.net.detach(id);
+        let mut g = self.lock();
+        let n = g.get_mut(&id).expect("node exists");
+        if let Some(up) = n.up.take() {
+            up.scope.abort_all();
+        }
+        n.kv.crash_keeping(kept_unsynced);
+        n.blobs.crash();
+    }
+
+    /// Runs `f` against a node's registry as a request that node serves: a task of its
+    /// process, which a crash stops.
+    pub async fn request<R, F, Fut>(&self, id: NodeId, f: F) -> Result<R, RequestError>
+    where
+        R: Send + 'static,
+        F: FnOnce(Arc<NodeRegistry<SimPlatform>>) -> Fut,
+        Fut: std::future::Future<Output = R> + Send + 'static,
+    {
+        let Some(up) = self.running(id) else {
+            return Err(RequestError::Down(id));
+        };
+        rt::spawn_in(&up.scope, f(up.registry))
+            .await
+            .map_err(|_| RequestError::Crashed(id))
+    }
+
+    /// The leader each node of `region` believes in, if they all agree and it is up.
+    pub fn agreed_leader(&self, region: usize) -> Option<NodeId> {
+        let mut leader = None;
+        for id in &self.regions[region] {
+            let up = self.running(*id)?;
+            let l = up.raft.metrics().borrow().current_leader?;
+            if *leader.get_or_insert(l) != l {
+                return None;
+            }
+        }
+        leader.filter(|l| self.is_up(*l))
+    }
+
+    /// Whether every node of `region` is up and has applied the same last log index.
+    pub fn region_caught_up(&self, region: usize) -> bool {
+        let mut applied = None;
+        for id in &self.regions[region] {
+            let Some(up) = self.running(*id) else {
+                return false;
+            };
+            let m = up.raft.metrics().borrow().clone();
+            let a = m.last_applied.map(|l| l.index);
+            if m.last_log_index != a || *applied.get_or_insert(a) != a {
+                return false;
+            }
+        }
+        true
+    }
+}

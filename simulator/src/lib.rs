@@ -1,0 +1,609 @@
+//! Deterministic simulation of Portolan: many nodes in several regions, in one process, on a
+//! simulated clock, network and disk, driven by a seed — the same seed gives the same run.
+//!
+//! The node code runs unmodified: `NodeRegistry`, openraft with the node's log store and
+//! state machine, the peer handler, blob replication and repair. The simulator binds the
+//! node's seams: `Transport` to `net::SimNet`, the metadata store to `MemKv`, the blob store
+//! to `MemBlobStore`, `Clock` to simulated time, and the RNG to the seed. Every node runs on
+//! one current-thread tokio runtime with a paused clock (time jumps to the next timer when
+//! every task waits) and a seeded scheduler RNG (`select!` draws from it).
+//!
+//! A run has a safety phase (clients and the nemesis at work, invariants checked as answers
+//! arrive), then a liveness phase (faults healed; every region must elect a leader, converge
+//! and accept writes within a bound), then the final checks.
+
+pub mod cluster;
+pub mod faults;
+pub mod history;
+pub mod net;
+pub mod workload;
+
+#[cfg(not(tokio_unstable))]
+compile_error!(
+    "the simulator needs `--cfg tokio_unstable` (set in .cargo/config.toml) to seed tokio's RNG"
+);
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use engine::keys::Cf;
+use engine::kv::KvStore;
+use engine::mem_blobs::MemBlobStore;
+use engine::{AccountId, Digest, Reference};
+use node::raft::NodeId;
+use node::Platform;
+
+use crate::cluster::Cluster;
+use crate::faults::{FaultKind, Intensity};
+use crate::history::Model;
+use crate::net::{SimNet, SimTransport};
+use crate::workload::{pull_verified, Client, Kind, PullError};
+
+/// The simulator's bindings of the node's seams.
+pub struct SimPlatform;
+
+impl Platform for SimPlatform {
+    type Transport = SimTransport;
+    type Kv = engine::kv::MemKv;
+    type Blobs = MemBlobStore;
+}
+
+/// Promises broken on purpose, to show that a sweep catches each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Bug {
+    /// The Raft log acknowledges appends before they are fsynced.
+    UnsyncedLog,
+    /// Linearizable tag reads skip the leader's read-index check.
+    StaleLeaderReads,
+}
+
+/// One run's parameters.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub regions: usize,
+    pub nodes: usize,
+    /// Length of the safety phase (simulated).
+    pub duration: Duration,
+    pub faults: Intensity,
+    pub clients_per_region: usize,
+    pub bug: Option<Bug>,
+    /// Print every trace line as it happens.
+    pub verbose: bool,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64) -> SimConfig {
+        SimConfig {
+            seed,
+            regions: 2,
+            nodes: 3,
+            duration: Duration::from_secs(60),
+            faults: Intensity::Heavy,
+            clients_per_region: 3,
+            bug: None,
+            verbose: false,
+        }
+    }
+
+    /// The command that replays this run.
+    pub fn replay_command(&self) -> String {
+        let mut c = format!(
+            "cargo run --release -p simulator -- --seed {} --regions {} --nodes {} --duration {}s --faults {} --clients {}",
+            self.seed,
+            self.regions,
+            self.nodes,
+            self.duration.as_secs(),
+            format!("{:?}", self.faults).to_lowercase(),
+            self.clients_per_region,
+        );
+        if let Some(b) = self.bug {
+            c.push_str(&format!(
+                " --bug {}",
+                clap::ValueEnum::to_possible_value(&b)
+                    .expect("bugs have names")
+                    .get_name()
+            ));
+        }
+        c.push_str(" --trace");
+        c
+    }
+}
+
+/// Lines of trace kept for the report of a failed run.
+const TRACE_TAIL_LINES: usize = 400;
+/// How long the liveness phase may take before the run fails for lack of progress.
+const LIVENESS_BOUND: Duration = Duration::from_secs(120);
+
+#[derive(Default)]
+struct TraceState {
+    hasher: blake3::Hasher,
+    lines: u64,
+    tail: VecDeque<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    ops: BTreeMap<(Kind, bool), u64>,
+    faults: BTreeMap<FaultKind, u64>,
+    checks: u64,
+}
+
+/// The state of one run, shared by clients, the nemesis and the checks.
+pub struct Sim {
+    pub config: SimConfig,
+    pub cluster: Cluster,
+    pub model: Mutex<Model>,
+    start: tokio::time::Instant,
+    safety_end: tokio::time::Instant,
+    trace: Mutex<TraceState>,
+    counters: Mutex<Counters>,
+    violations: Mutex<Vec<String>>,
+    pub(crate) faults_active: AtomicUsize,
+}
+
+/// Violations found, readable.
+pub type Violations = Vec<String>;
+
+impl Sim {
+    /// Microseconds of simulated time since the start.
+    pub fn now_us(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    pub fn faults_on(&self) -> bool {
+        tokio::time::Instant::now() < self.safety_end
+    }
+
+    pub fn trace(&self, line: String) {
+        let t = self.now_us();
+        let line = format!("{:>10.3} ms  {line}", t as f64 / 1000.0);
+        if self.config.verbose {
+            println!("{line}");
+        }
+        let mut g = self.trace.lock().expect("trace lock");
+        g.hasher.update(line.as_bytes());
+        g.hasher.update(b"\n");
+        g.lines += 1;
+        if g.tail.len() == TRACE_TAIL_LINES {
+            g.tail.pop_front();
+        }
+        g.tail.push_back(line);
+    }
+
+    pub fn violation(&self, what: String) {
+        self.trace(format!("VIOLATION: {what}"));
+        self.violations.lock().expect("violations lock").push(what);
+    }
+
+    pub fn count_op(&self, kind: Kind, ok: bool) {
+        *self
+            .counters
+            .lock()
+            .expect("counters lock")
+            .ops
+            .entry((kind, ok))
+            .or_default() += 1;
+    }
+
+    pub fn count_fault(&self, kind: FaultKind) {
+        self.trace(format!("nemesis: {kind:?}"));
+        *self
+            .counters
+            .lock()
+            .expect("counters lock")
+            .faults
+            .entry(kind)
+            .or_default() += 1;
+    }
+
+    fn count_checks(&self, n: u64) {
+        self.counters.lock().expect("counters lock").checks += n;
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub config: SimConfig,
+    pub simulated: Duration,
+    pub wall: Duration,
+    pub ops_ok: u64,
+    pub ops_failed: u64,
+    pub ops: BTreeMap<String, (u64, u64)>,
+    pub faults: BTreeMap<String, u64>,
+    pub checks: u64,
+    pub messages: u64,
+    pub messages_lost: u64,
+    pub messages_duplicated: u64,
+    pub trace_lines: u64,
+    pub trace_hash: String,
+    pub violations: Violations,
+    pub trace_tail: Vec<String>,
+}
+
+impl Summary {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// Simulated seconds per wall-clock second.
+    pub fn speedup(&self) -> f64 {
+        self.simulated.as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.config;
+        writeln!(
+            f,
+            "seed {}: {} region(s) x {} node(s), faults {:?}{}",
+            c.seed,
+            c.regions,
+            c.nodes,
+            c.faults,
+            c.bug.map(|b| format!(", bug {b:?}")).unwrap_or_default()
+        )?;
+        writeln!(
+            f,
+            "  simulated {:.1} s in {:.2} s wall ({:.0}x)",
+            self.simulated.as_secs_f64(),
+            self.wall.as_secs_f64(),
+            self.speedup()
+        )?;
+        writeln!(
+            f,
+            "  operations: {} ok, {} failed",
+            self.ops_ok, self.ops_failed
+        )?;
+        for (k, (ok, failed)) in &self.ops {
+            writeln!(f, "    {k:<12} {ok:>6} ok {failed:>6} failed")?;
+        }
+        let total: u64 = self.faults.values().sum();
+        writeln!(f, "  faults injected: {total}")?;
+        for (k, n) in &self.faults {
+            writeln!(f, "    {k:<16} {n:>5}")?;
+        }
+        writeln!(
+            f,
+            "  network: {} messages, {} lost, {} duplicated",
+            self.messages, self.messages_lost, self.messages_duplicated
+        )?;
+        writeln!(f, "  invariant checks passed: {}", self.checks)?;
+        writeln!(
+            f,
+            "  trace: {} lines, hash {}",
+            self.trace_lines, self.trace_hash
+        )?;
+        if self.passed() {
+            write!(f, "  result: PASS")
+        } else {
+            writeln!(f, "  result: FAIL, {} violation(s):", self.violations.len())?;
+            for v in self.violations.iter().take(20) {
+                writeln!(f, "    - {v}")?;
+            }
+            writeln!(f, "  last trace lines:")?;
+            for l in &self.trace_tail {
+                writeln!(f, "    {l}")?;
+            }
+            write!(f, "  replay: {}", c.replay_command())
+        }
+    }
+}
+
+/// Latency between regions: 1 ms inside a region, 30–150 ms across (fixed per pair by the
+/// seed), one way.
+fn latencies(regions: usize) -> Vec<Vec<u64>> {
+    use rand::Rng;
+    let mut m = vec![vec![1_000u64; regions]; regions];
+    let pairs: Vec<(usize, usize)> = (0..regions)
+        .flat_map(|a| ((a + 1)..regions).map(move |b| (a, b)))
+        .collect();
+    for (a, b) in pairs {
+        let l = node::rt::with_rng(|r| r.gen_range(30_000..150_000));
+        m[a][b] = l;
+        m[b][a] = l;
+    }
+    m
+}
+
+/// Runs one simulation to the end and reports it. Deterministic in `config`.
+pub fn run(config: SimConfig) -> Summary {
+    let wall = std::time::Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .rng_seed(tokio::runtime::RngSeed::from_bytes(
+            &config.seed.to_le_bytes(),
+        ))
+        .build()
+        .expect("build the simulation runtime");
+    node::rt::seed_thread_rng(config.seed);
+    let summary = rt.block_on(run_inner(config.clone()));
+    // Tasks still parked (nodes, stragglers) are dropped with the runtime.
+    drop(rt);
+    Summary {
+        wall: wall.elapsed(),
+        ..summary
+    }
+}
+
+async fn run_inner(config: SimConfig) -> Summary {
+    let start = tokio::time::Instant::now();
+    let net = SimNet::new(latencies(config.regions));
+    let cluster = Cluster::new(config.regions, config.nodes, net, config.bug);
+    let sim = Arc::new(Sim {
+        safety_end: start + config.duration,
+        config: config.clone(),
+        cluster,
+        model: Mutex::new(Model::default()),
+        start,
+        trace: Mutex::default(),
+        counters: Mutex::default(),
+        violations: Mutex::default(),
+        faults_active: AtomicUsize::new(0),
+    });
+    sim.trace(format!("start: {config:?}"));
+    for region in &sim.cluster.regions {
+        for id in region {
+            if let Err(e) = sim.cluster.start(*id).await {
+                sim.violation(format!("node {id} did not start: {e}"));
+            }
+        }
+    }
+    // Safety phase: clients and the nemesis.
+    let mut clients = Vec::new();
+    for region in 0..config.regions {
+        for i in 0..config.clients_per_region {
+            let c = Client {
+                id: region * 100 + i,
+                region,
+                sim: sim.clone(),
+            };
+            clients.push(tokio::spawn(c.run(sim.safety_end)));
+        }
+    }
+    let nemesis = tokio::spawn(faults::nemesis(sim.clone(), config.faults));
+    for c in clients {
+        let _ = c.await;
+    }
+    let _ = nemesis.await;
+    sim.trace("safety phase over".into());
+
+    // Liveness phase: heal everything; the cluster must make progress within the bound.
+    let deadline = tokio::time::Instant::now() + LIVENESS_BOUND;
+    let settled = liveness(&sim, deadline).await;
+    if settled {
+        final_checks(&sim, deadline).await;
+    }
+    let simulated = start.elapsed();
+    summarize(&sim, simulated)
+}
+
+/// Heals every fault, restarts every node, and waits until each region has a leader, has
+/// caught up, and accepts a write on every node. False (with a violation) past `deadline`.
+async fn liveness(sim: &Arc<Sim>, deadline: tokio::time::Instant) -> bool {
+    let c = &sim.cluster;
+    // Faults in flight finish their own healing first (each is bounded in time).
+    while sim.faults_active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.net.heal_all();
+    c.net.set_faults(net::NetFaults::default());
+    let ids: Vec<NodeId> = c.regions.iter().flatten().copied().collect();
+    for id in &ids {
+        let (kv, blobs, clock) = {
+            let g = c.lock();
+            (g[id].kv.clone(), g[id].blobs.clone(), g[id].clock.clone())
+        };
+        kv.set_failing(None);
+        blobs.set_failing(None);
+        clock.set_skew_ms(0);
+        if !c.is_up(*id) {
+            faults::restart(sim, *id).await;
+        }
+    }
+    for region in 0..c.regions.len() {
+        // A write through every node of the region (forwarded to the leader).
+        for id in c.regions[region].clone() {
+            let mut attempt = 0u32;
+            loop {
+                attempt += 1;
+                let r = workload::probe_write(sim, region, id, attempt).await;
+                match r {
+                    Ok(()) => break,
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        sim.violation(format!(
+                            "no progress: region {region} did not accept a write through node {id} within {} s of healing: {e}",
+                            LIVENESS_BOUND.as_secs()
+                        ));
+                        return false;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+        }
+        while !c.region_caught_up(region) {
+            if tokio::time::Instant::now() >= deadline {
+                sim.violation(format!(
+                    "no convergence: region {region}'s nodes did not apply the same log within {} s of healing",
+                    LIVENESS_BOUND.as_secs()
+                ));
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    sim.trace("liveness: every region leads, accepts writes and has caught up".into());
+    true
+}
+
+/// The end-of-run invariants on a healed, caught-up cluster.
+async fn final_checks(sim: &Arc<Sim>, deadline: tokio::time::Instant) {
+    let c = &sim.cluster;
+    let mut checks = 0u64;
+    // Convergence: every node of a region holds the same state.
+    for (region, ids) in c.regions.iter().enumerate() {
+        let mut first: Option<(NodeId, blake3::Hash)> = None;
+        for id in ids {
+            let kv = c.lock()[id].kv.clone();
+            let h = state_hash(kv.as_ref());
+            match &first {
+                None => first = Some((*id, h)),
+                Some((f, fh)) if *fh != h => sim.violation(format!(
+                    "region {region}: node {id}'s state differs from node {f}'s after healing"
+                )),
+                Some(_) => checks += 1,
+            }
+        }
+    }
+    // Durability and completeness: every acknowledged manifest and blob, on every node.
+    let (manifests, blobs) = {
+        let m = sim.model.lock().expect("model lock");
+        (m.manifests.clone(), m.blobs.clone())
+    };
+    for ((region, repo), ms) in &manifests {
+        for id in &c.regions[*region] {
+            for d in ms.keys() {
+                match pull_until(sim, *id, repo, &Reference::Digest(d.clone()), deadline).await {
+                    Ok(_) => checks += 1,
+                    Err(e) => sim.violation(format!(
+                        "acknowledged manifest {repo}@{d} is not served whole by node {id}: {e}"
+                    )),
+                }
+            }
+        }
+    }
+    for (region, repo, d) in &blobs {
+        for id in &c.regions[*region] {
+            let (r, d2) = (workload::parse_repo(repo), d.clone());
+            let got = c
+                .request(*id, move |reg| async move {
+                    use registry_api::Registry;
+                    reg.blob_content(AccountId::DEFAULT, &r, &d2).await
+                })
+                .await;
+            match got {
+                Ok(Ok(content)) if Digest::of(d.algorithm(), &content.bytes) == *d => checks += 1,
+                Ok(Ok(_)) => sim.violation(format!("node {id} served {repo}@{d} with wrong bytes")),
+                Ok(Err(e)) => sim.violation(format!(
+                    "acknowledged blob {repo}@{d} is not served by node {id}: {e}"
+                )),
+                Err(e) => sim.violation(format!("node {id}: {e}")),
+            }
+        }
+    }
+    // Every tag on every node points at a manifest whose blobs are all there.
+    let keys = sim.model.lock().expect("model lock").keys();
+    for (region, repo, tag) in &keys {
+        for id in &c.regions[*region] {
+            let reference = Reference::Tag(workload::parse_tag(tag));
+            match pull_until(sim, *id, repo, &reference, deadline).await {
+                Ok(_) => checks += 1,
+                Err(PullError::Failed(e)) if e.contains("unknown") => checks += 1,
+                Err(e) => sim.violation(format!(
+                    "tag {repo}:{tag} on node {id} does not pull whole: {e}"
+                )),
+            }
+        }
+        // One last linearizable read of each tag joins the history.
+        workload::final_strong_read(sim, *region, repo, tag).await;
+    }
+    // Linearizability of tag reads.
+    let ops = sim.model.lock().expect("model lock").ops.clone();
+    let (violations, passed) = history::check_registers(&ops);
+    for v in violations {
+        sim.violation(v.0);
+    }
+    checks += passed as u64;
+    sim.count_checks(checks);
+}
+
+/// Pulls with retries until `deadline` (a follower may still be fetching a blob copy).
+async fn pull_until(
+    sim: &Arc<Sim>,
+    id: NodeId,
+    repo: &str,
+    reference: &Reference,
+    deadline: tokio::time::Instant,
+) -> Result<Digest, PullError> {
+    loop {
+        match pull_verified(&sim.cluster, id, repo, reference).await {
+            Err(PullError::Failed(e))
+                if tokio::time::Instant::now() < deadline && !e.contains("unknown") =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = e;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A hash of every state row (not the Raft log, not per-node metadata).
+fn state_hash(kv: &dyn KvStore) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    for cf in Cf::STATE.into_iter().filter(|cf| *cf != Cf::SmMeta) {
+        let mut start = Vec::new();
+        loop {
+            let rows = kv.scan(cf, b"", &start, 1024).unwrap_or_default();
+            for (k, v) in &rows {
+                h.update(cf.name().as_bytes());
+                h.update(&(k.len() as u64).to_le_bytes());
+                h.update(k);
+                h.update(&(v.len() as u64).to_le_bytes());
+                h.update(v);
+            }
+            match rows.last() {
+                Some((k, _)) if rows.len() == 1024 => {
+                    start = k.clone();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+    }
+    h.finalize()
+}
+
+fn summarize(sim: &Arc<Sim>, simulated: Duration) -> Summary {
+    let counters = sim.counters.lock().expect("counters lock");
+    let mut ops = BTreeMap::new();
+    let (mut ok, mut failed) = (0, 0);
+    for ((kind, success), n) in &counters.ops {
+        let e: &mut (u64, u64) = ops.entry(format!("{kind:?}")).or_default();
+        if *success {
+            e.0 += n;
+            ok += n;
+        } else {
+            e.1 += n;
+            failed += n;
+        }
+    }
+    let net = sim.cluster.net.stats();
+    let trace = sim.trace.lock().expect("trace lock");
+    Summary {
+        config: sim.config.clone(),
+        simulated,
+        wall: Duration::ZERO,
+        ops_ok: ok,
+        ops_failed: failed,
+        ops,
+        faults: counters
+            .faults
+            .iter()
+            .map(|(k, n)| (format!("{k:?}"), *n))
+            .collect(),
+        checks: counters.checks,
+        messages: net.messages,
+        messages_lost: net.lost + net.cut,
+        messages_duplicated: net.duplicated,
+        trace_lines: trace.lines,
+        trace_hash: trace.hasher.finalize().to_hex().to_string(),
+        violations: sim.violations.lock().expect("violations lock").clone(),
+        trace_tail: trace.tail.iter().cloned().collect(),
+    }
+}
