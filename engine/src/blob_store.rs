@@ -608,6 +608,11 @@ pub trait BlobBackend: Clone + Send + Sync + 'static {
     /// Verifies the session's bytes against `expected` and commits them as a blob; the
     /// session is gone afterwards either way.
     fn finish_upload(&self, w: Self::Writer, expected: &Digest) -> Result<StoredBlob, BlobError>;
+    /// Extra time each call takes beyond the call itself: zero for real stores; the
+    /// simulator's twin reports a slow disk here, and the node waits it out on its clock.
+    fn latency(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// An open upload session of a `BlobBackend`.

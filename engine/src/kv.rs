@@ -66,6 +66,12 @@ pub trait KvStore: Send + Sync + 'static {
     /// The last entry whose key begins with `prefix`.
     fn last(&self, cf: Cf, prefix: &[u8]) -> Result<Option<Row>, KvError>;
     fn write(&self, batch: Batch, sync: bool) -> Result<(), KvError>;
+    /// Extra time a synced write takes beyond the call itself: zero for real stores (their
+    /// calls take the time); the simulator's twin reports a slow disk here, and async callers
+    /// wait it out on their clock.
+    fn sync_latency(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// `KvStore` on RocksDB, one column family per `Cf`.
@@ -195,6 +201,8 @@ struct MemInner {
     unsynced: Vec<Vec<Op>>,
     /// While set, every write fails (a full or failing disk).
     failing: Option<String>,
+    /// A slow disk: what each synced write costs.
+    sync_latency: std::time::Duration,
 }
 
 fn apply(map: &mut MemMap, ops: &[Op]) {
@@ -246,6 +254,11 @@ impl MemKv {
     pub fn set_failing(&self, reason: Option<String>) {
         self.inner.lock().expect("memkv lock").failing = reason;
     }
+
+    /// Makes every synced write cost `latency` (a slow disk).
+    pub fn set_sync_latency(&self, latency: std::time::Duration) {
+        self.inner.lock().expect("memkv lock").sync_latency = latency;
+    }
 }
 
 impl KvStore for MemKv {
@@ -288,6 +301,10 @@ impl KvStore for MemKv {
             }
         }
         Ok(())
+    }
+
+    fn sync_latency(&self) -> std::time::Duration {
+        self.inner.lock().expect("memkv lock").sync_latency
     }
 }
 

@@ -30,6 +30,8 @@ struct Inner {
     failing: Option<String>,
     /// Bumped by every crash: writers opened before it belong to a dead process.
     generation: u64,
+    /// A slow disk: what each call costs.
+    latency: std::time::Duration,
 }
 
 struct Upload {
@@ -72,6 +74,11 @@ impl MemBlobStore {
     /// Makes every write fail with `reason` until called with `None`.
     pub fn set_failing(&self, reason: Option<String>) {
         self.lock().failing = reason;
+    }
+
+    /// Makes every call cost `latency` (a slow disk).
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.lock().latency = latency;
     }
 
     /// Digests of every committed blob, in order.
@@ -302,6 +309,10 @@ impl BlobBackend for MemBlobStore {
             digest: actual,
             size_bytes,
         })
+    }
+
+    fn latency(&self) -> std::time::Duration {
+        self.lock().latency
     }
 }
 

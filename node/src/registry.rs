@@ -152,24 +152,6 @@ fn blob_err(e: BlobError) -> ApiError {
     }
 }
 
-/// Runs a blob-store call: on a blocking thread when the store does disk I/O, inline when it
-/// does not (the simulator's store, whose calls must stay on its one thread).
-async fn disk<B: BlobBackend, R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    if !B::BLOCKING {
-        return f();
-    }
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
-}
-
-async fn blocking<B: BlobBackend, T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    disk::<B, _>(f).await
-}
-
 impl<P: Platform> NodeRegistry<P> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -198,6 +180,30 @@ impl<P: Platform> NodeRegistry<P> {
             sessions: std::sync::Mutex::new(HashMap::new()),
             proposals,
         }
+    }
+
+    /// Runs a blob-store call: on a blocking thread when the store does disk I/O, inline when
+    /// it does not (the simulator's store, whose calls must stay on its one thread), after
+    /// the store's reported latency (a slow simulated disk).
+    async fn disk<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let slow = self.blobs.latency();
+        if !slow.is_zero() {
+            tokio::time::sleep(slow).await;
+        }
+        if !<P::Blobs as BlobBackend>::BLOCKING {
+            return f();
+        }
+        match tokio::task::spawn_blocking(f).await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        self.disk(f).await
     }
 
     fn state(&self) -> State<'_, P::Kv> {
@@ -396,7 +402,7 @@ impl<P: Platform> NodeRegistry<P> {
     pub async fn local_blob_bytes(&self, digest: &Digest) -> Result<Option<Bytes>, ApiError> {
         let store = self.blobs.clone();
         let digest = digest.clone();
-        blocking::<P::Blobs, _>(move || match store.read_blob(&digest) {
+        self.blocking(move || match store.read_blob(&digest) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(BlobError::BlobUnknown(_)) => Ok(None),
             Err(e) => Err(blob_err(e)),
@@ -430,9 +436,9 @@ impl<P: Platform> NodeRegistry<P> {
         };
         let now = meta.created_ms;
         let id2 = id.clone();
-        let w =
-            blocking::<P::Blobs, _>(move || store.create_upload(&id2, meta, now).map_err(blob_err))
-                .await?;
+        let w = self
+            .blocking(move || store.create_upload(&id2, meta, now).map_err(blob_err))
+            .await?;
         let stream: BodyStream = Box::pin(tokio_util::io::ReaderStream::with_capacity(
             body,
             WRITE_BUFFER_BYTES,
@@ -440,21 +446,24 @@ impl<P: Platform> NodeRegistry<P> {
         let (w, r) = self.append(w, stream).await;
         if let Err(e) = r {
             let store = self.blobs.clone();
-            let _ =
-                blocking::<P::Blobs, _>(move || store.delete_upload(&id).map_err(blob_err)).await;
+            let _ = self
+                .blocking(move || store.delete_upload(&id).map_err(blob_err))
+                .await;
             return Err(e);
         }
         if w.offset() != size_bytes {
             let store = self.blobs.clone();
-            let _ =
-                blocking::<P::Blobs, _>(move || store.delete_upload(&id).map_err(blob_err)).await;
+            let _ = self
+                .blocking(move || store.delete_upload(&id).map_err(blob_err))
+                .await;
             return Err(ApiError::BlobUploadInvalid(format!(
                 "replica of {digest} ended at {} of {size_bytes} bytes",
                 w.offset()
             )));
         }
         let store = self.blobs.clone();
-        blocking::<P::Blobs, _>(move || store.finish_upload(w, &digest).map_err(blob_err)).await?;
+        self.blocking(move || store.finish_upload(w, &digest).map_err(blob_err))
+            .await?;
         Ok(())
     }
 
@@ -541,7 +550,8 @@ impl<P: Platform> NodeRegistry<P> {
             None => {
                 let store = self.blobs.clone();
                 let id = id.to_string();
-                blocking::<P::Blobs, _>(move || store.resume_upload(&id).map_err(blob_err)).await?
+                self.blocking(move || store.resume_upload(&id).map_err(blob_err))
+                    .await?
             }
         };
         if w.meta().account != account || &w.meta().repo != repo {
@@ -593,11 +603,12 @@ impl<P: Platform> NodeRegistry<P> {
             }
             if buf.len() >= WRITE_BUFFER_BYTES || (done && !buf.is_empty()) {
                 let data = std::mem::replace(&mut buf, Vec::with_capacity(WRITE_BUFFER_BYTES));
-                let (back, r) = disk::<P::Blobs, _>(move || {
-                    let r = w.write(&data);
-                    (w, r)
-                })
-                .await;
+                let (back, r) = self
+                    .disk(move || {
+                        let r = w.write(&data);
+                        (w, r)
+                    })
+                    .await;
                 w = back;
                 if let Err(e) = r {
                     return (w, Err(blob_err(e)));
@@ -612,7 +623,7 @@ impl<P: Platform> NodeRegistry<P> {
 
     async fn checkpoint(&self, w: Writer<P>) -> (Writer<P>, Result<(), ApiError>) {
         let now = self.clock.now_ms();
-        disk::<P::Blobs, _>(move || {
+        self.disk(move || {
             let mut w = w;
             let r = w.checkpoint(now).map_err(blob_err);
             (w, r)
@@ -817,10 +828,9 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         let store = self.blobs.clone();
         let expected = digest.clone();
         let tmp_id = crate::rt::new_id();
-        let stored = blocking::<P::Blobs, _>(move || {
-            store.put_blob(&expected, &buf, &tmp_id).map_err(blob_err)
-        })
-        .await?;
+        let stored = self
+            .blocking(move || store.put_blob(&expected, &buf, &tmp_id).map_err(blob_err))
+            .await?;
         self.commit_blob(account, repo, stored).await
     }
 
@@ -839,10 +849,9 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         };
         let now = meta.created_ms;
         let id2 = id.clone();
-        let w = match blocking::<P::Blobs, _>(move || {
-            store.create_upload(&id2, meta, now).map_err(blob_err)
-        })
-        .await
+        let w = match self
+            .blocking(move || store.create_upload(&id2, meta, now).map_err(blob_err))
+            .await
         {
             Ok(w) => w,
             Err(e) => {
@@ -921,9 +930,9 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         let store = self.blobs.clone();
         let expected = digest.clone();
         // The session ends here whatever happens: committed, or gone on a digest mismatch.
-        let finished =
-            blocking::<P::Blobs, _>(move || store.finish_upload(w, &expected).map_err(blob_err))
-                .await;
+        let finished = self
+            .blocking(move || store.finish_upload(w, &expected).map_err(blob_err))
+            .await;
         drop(guard);
         self.forget(id);
         self.commit_blob(account, repo, finished?).await
@@ -943,7 +952,8 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         w?;
         let store = self.blobs.clone();
         let id = id.to_string();
-        blocking::<P::Blobs, _>(move || store.delete_upload(&id).map_err(blob_err)).await
+        self.blocking(move || store.delete_upload(&id).map_err(blob_err))
+            .await
     }
 
     async fn manifest_get(

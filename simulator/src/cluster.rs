@@ -251,17 +251,41 @@ impl Cluster {
             .map_err(|_| RequestError::Crashed(id))
     }
 
-    /// The leader each node of `region` believes in, if they all agree and it is up.
+    /// The leader a majority of `region`'s nodes believe in, if it is up and believes it too.
     pub fn agreed_leader(&self, region: usize) -> Option<NodeId> {
-        let mut leader = None;
-        for id in &self.regions[region] {
-            let up = self.running(*id)?;
-            let l = up.raft.metrics().borrow().current_leader?;
-            if *leader.get_or_insert(l) != l {
-                return None;
+        let ids = &self.regions[region];
+        let mut votes: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for id in ids {
+            if let Some(l) = self
+                .running(*id)
+                .and_then(|up| up.raft.metrics().borrow().current_leader)
+            {
+                *votes.entry(l).or_default() += 1;
             }
         }
-        leader.filter(|l| self.is_up(*l))
+        votes
+            .into_iter()
+            .find(|(l, n)| {
+                *n > ids.len() / 2
+                    && self
+                        .running(*l)
+                        .is_some_and(|up| up.raft.metrics().borrow().current_leader == Some(*l))
+            })
+            .map(|(l, _)| l)
+    }
+
+    /// The node of `region` that leads in the highest term, by its own account (members
+    /// removed from the group do not count it, so no majority vote is needed here).
+    pub fn self_declared_leader(&self, region: usize) -> Option<NodeId> {
+        self.regions[region]
+            .iter()
+            .filter_map(|id| {
+                let up = self.running(*id)?;
+                let m = up.raft.metrics().borrow().clone();
+                (m.state == openraft::ServerState::Leader).then_some((m.current_term, *id))
+            })
+            .max()
+            .map(|(_, id)| id)
     }
 
     /// Whether every node of `region` is up and has applied the same last log index.

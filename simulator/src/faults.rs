@@ -36,6 +36,10 @@ pub enum FaultKind {
     DiskFailure,
     /// A node's wall clock jumps.
     ClockSkew,
+    /// A node's disk turns slow (fsyncs and blob I/O take milliseconds).
+    SlowDisk,
+    /// A follower is removed from its region, then added back (learner, catch-up, voter).
+    MembershipChange,
 }
 
 /// How hard the nemesis hits.
@@ -64,6 +68,8 @@ impl Intensity {
                 LossyNetwork,
                 DiskFailure,
                 ClockSkew,
+                SlowDisk,
+                MembershipChange,
             ],
         };
         if regions > 1 && self != Intensity::None {
@@ -252,6 +258,45 @@ async fn strike(sim: Arc<Sim>, kind: FaultKind) {
             crash(&sim, victim);
             restart(&sim, victim).await;
         }
+        FaultKind::SlowDisk => {
+            sim.count_fault(kind);
+            let (kv, blobs) = {
+                let g = c.lock();
+                (g[&victim].kv.clone(), g[&victim].blobs.clone())
+            };
+            let (sync, io) = rt::with_rng(|r| (r.gen_range(5..100), r.gen_range(1..50)));
+            sim.trace(format!(
+                "nemesis: disk of node {victim} slow ({sync} ms per fsync, {io} ms per blob call)"
+            ));
+            kv.set_sync_latency(Duration::from_millis(sync));
+            blobs.set_latency(Duration::from_millis(io));
+            tokio::time::sleep(ms(2_000..10_000)).await;
+            kv.set_sync_latency(Duration::ZERO);
+            blobs.set_latency(Duration::ZERO);
+        }
+        FaultKind::MembershipChange => {
+            let Some(leader) = c.self_declared_leader(region) else {
+                return;
+            };
+            // One member out at a time per region: the region keeps a majority of its size.
+            if members.len() < 3 || voters(&sim, leader).len() < members.len() {
+                return;
+            }
+            let others: Vec<NodeId> = members.iter().copied().filter(|m| *m != leader).collect();
+            let Some(target) = pick(&others) else {
+                return;
+            };
+            sim.count_fault(kind);
+            sim.trace(format!(
+                "nemesis: removing node {target} from region {region}"
+            ));
+            match change_membership(&sim, leader, target, false).await {
+                Ok(()) => sim.trace(format!("nemesis: node {target} removed")),
+                Err(e) => sim.trace(format!("nemesis: removing node {target} failed: {e}")),
+            }
+            tokio::time::sleep(ms(1_000..8_000)).await;
+            readd_removed(&sim, region, 10).await;
+        }
         FaultKind::ClockSkew => {
             sim.count_fault(kind);
             let skew = rt::with_rng(|r| r.gen_range(-300_000..300_000));
@@ -298,4 +343,66 @@ pub async fn restart(sim: &Sim, id: NodeId) {
         Ok(()) => sim.trace(format!("node {id} restarted")),
         Err(e) => sim.violation(format!("node {id} failed to restart: {e}")),
     }
+}
+
+/// Adds or removes `target` through the current leader `via` (as a request it serves).
+async fn change_membership(
+    sim: &Sim,
+    via: NodeId,
+    target: NodeId,
+    add: bool,
+) -> Result<(), String> {
+    let Some(up) = sim.cluster.running(via) else {
+        return Err(format!("node {via} is down"));
+    };
+    let raft = up.raft.clone();
+    let catch_up = Duration::from_secs(30);
+    let r = rt::spawn_in(&up.scope, async move {
+        if add {
+            node::peer::add_member(&raft, target, crate::cluster::node_info(target), catch_up).await
+        } else {
+            node::peer::remove_member(&raft, target).await
+        }
+    })
+    .await;
+    r.map_err(|_| format!("node {via} crashed while changing membership"))?
+}
+
+/// The voters of the group as node `id` knows them.
+fn voters(sim: &Sim, id: NodeId) -> Vec<NodeId> {
+    sim.cluster.running(id).map_or_else(Vec::new, |up| {
+        up.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    })
+}
+
+/// Adds back every node of `region` that its leader does not count as a voter, trying up
+/// to `attempts` times. True when every node of the region is a voter again.
+pub async fn readd_removed(sim: &Sim, region: usize, attempts: usize) -> bool {
+    for _ in 0..attempts {
+        if let Some(leader) = sim.cluster.self_declared_leader(region) {
+            let voters = voters(sim, leader);
+            let missing: Vec<NodeId> = sim.cluster.regions[region]
+                .iter()
+                .copied()
+                .filter(|id| !voters.contains(id))
+                .collect();
+            if missing.is_empty() {
+                return true;
+            }
+            for target in missing {
+                match change_membership(sim, leader, target, true).await {
+                    Ok(()) => sim.trace(format!("node {target} added back to region {region}")),
+                    Err(e) => sim.trace(format!("adding node {target} back failed: {e}")),
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    false
 }

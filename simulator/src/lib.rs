@@ -400,13 +400,25 @@ async fn liveness(sim: &Arc<Sim>, deadline: tokio::time::Instant) -> bool {
             (g[id].kv.clone(), g[id].blobs.clone(), g[id].clock.clone())
         };
         kv.set_failing(None);
+        kv.set_sync_latency(Duration::ZERO);
         blobs.set_failing(None);
+        blobs.set_latency(Duration::ZERO);
         clock.set_skew_ms(0);
         if !c.is_up(*id) {
             faults::restart(sim, *id).await;
         }
     }
     for region in 0..c.regions.len() {
+        // Nodes the nemesis removed rejoin their region.
+        while !faults::readd_removed(sim, region, 1).await {
+            if tokio::time::Instant::now() >= deadline {
+                sim.violation(format!(
+                    "no progress: region {region} did not take its removed nodes back within {} s of healing",
+                    LIVENESS_BOUND.as_secs()
+                ));
+                return false;
+            }
+        }
         // A write through every node of the region (forwarded to the leader).
         for id in c.regions[region].clone() {
             let mut attempt = 0u32;

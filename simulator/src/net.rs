@@ -29,7 +29,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct NetFaults {
     /// Probability that a message (request or answer) is lost.
     pub loss: f64,
-    /// Probability that a request is delivered twice.
+    /// Probability that a Raft RPC is delivered twice.
     pub duplicate: f64,
     /// Extra random delay per message, up to this many microseconds (reorders messages).
     pub jitter_us: u64,
@@ -244,8 +244,15 @@ impl Transport for SimTransport {
         _addr: &NodeInfo,
         req: PeerRequest,
     ) -> Result<PeerResponse, TransportError> {
+        // QUIC delivers a stream at most once, so only the messages a peer must tolerate
+        // twice anyway (Raft RPCs, late and repeated) are duplicated; forwarded writes and
+        // membership changes are not idempotent and never arrive twice.
+        let idempotent = matches!(
+            req,
+            PeerRequest::AppendEntries(_) | PeerRequest::Vote(_) | PeerRequest::InstallSnapshot(_)
+        );
         let wire = encode(&req);
-        if self.net.should_duplicate() {
+        if idempotent && self.net.should_duplicate() {
             let (net, me, dup) = (self.net.clone(), self.me, wire.clone());
             rt::spawn(async move {
                 let _ = tokio::time::timeout(

@@ -196,6 +196,10 @@ impl<S: KvStore> RaftLogStorage<TypeConfig> for LogStore<S> {
             );
         }
         let res = self.kv.write(b, self.sync_appends);
+        let slow = self.kv.sync_latency();
+        if !slow.is_zero() {
+            tokio::time::sleep(slow).await;
+        }
         match res {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
