@@ -246,6 +246,22 @@ impl<P: Platform> NodeRegistry<P> {
         let unavailable = |e: &dyn std::fmt::Display| {
             ApiError::Unavailable(format!("metadata write not committed: {e}"))
         };
+        // A node outside its region's membership (removed, or not yet joined) receives no
+        // log: a write it forwarded would commit but never become visible here.
+        let member = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&self.node_id)
+            .is_some();
+        if !member {
+            return Err(ApiError::Unavailable(format!(
+                "node {} is not a member of its region; send writes to a member",
+                self.node_id
+            )));
+        }
         let committed =
             tokio::time::timeout(self.write_timeout, self.raft.client_write(req.clone()))
                 .await

@@ -62,6 +62,7 @@ impl Intensity {
                 RegionPowerLoss,
                 IsolateLeader,
                 IsolateLeader,
+                IsolateLeader,
                 Partition,
                 OneWayPartition,
                 Swizzle,

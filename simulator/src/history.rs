@@ -19,6 +19,8 @@ pub enum Event {
     /// `None` deletes the tag.
     Write(Option<Digest>),
     Read(Option<Digest>),
+    /// A write that certainly did not happen (refused before it was proposed).
+    Refused,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +52,38 @@ impl Model {
         self.ops.push(op);
     }
 
+    /// Records a write as it is sent (its outcome unknown until `settle`), so a check that
+    /// runs while it is in flight counts it as possibly done. Returns its place.
+    pub fn begin_write(
+        &mut self,
+        key: TagKey,
+        value: Option<Digest>,
+        at_us: u64,
+        client: usize,
+    ) -> usize {
+        self.ops.push(Op {
+            key,
+            event: Event::Write(value),
+            invoked_us: at_us,
+            answered_us: None,
+            client,
+        });
+        self.ops.len() - 1
+    }
+
+    /// Settles a write begun with `begin_write`: `Some(event, answered)` when the outcome is
+    /// known (acknowledged, or applied as a read), `None` when it certainly did not happen.
+    /// A write never settled stays "outcome unknown".
+    pub fn settle(&mut self, at: usize, outcome: Option<(Event, u64)>) {
+        match outcome {
+            Some((event, answered)) => {
+                self.ops[at].event = event;
+                self.ops[at].answered_us = Some(answered);
+            }
+            None => self.ops[at].event = Event::Refused,
+        }
+    }
+
     /// Every tag key the history mentions.
     pub fn keys(&self) -> BTreeSet<TagKey> {
         self.ops.iter().map(|o| o.key.clone()).collect()
@@ -72,7 +106,7 @@ pub fn check_registers(ops: &[Op]) -> (Vec<Violation>, usize) {
         let writes: Vec<(Option<&Digest>, u64, Option<u64>)> = std::iter::once((None, 0, Some(0)))
             .chain(ops.iter().filter_map(|o| match &o.event {
                 Event::Write(v) => Some((v.as_ref(), o.invoked_us, o.answered_us)),
-                Event::Read(_) => None,
+                Event::Read(_) | Event::Refused => None,
             }))
             .collect();
         for r in ops.iter().filter(|o| matches!(o.event, Event::Read(_))) {

@@ -173,9 +173,14 @@ impl Sim {
         g.tail.push_back(line);
     }
 
+    /// Records a violation (once, however often it is found).
     pub fn violation(&self, what: String) {
+        let mut v = self.violations.lock().expect("violations lock");
+        if v.contains(&what) {
+            return;
+        }
         self.trace(format!("VIOLATION: {what}"));
-        self.violations.lock().expect("violations lock").push(what);
+        v.push(what);
     }
 
     pub fn count_op(&self, kind: Kind, ok: bool) {
@@ -367,10 +372,13 @@ async fn run_inner(config: SimConfig) -> Summary {
         }
     }
     let nemesis = tokio::spawn(faults::nemesis(sim.clone(), config.faults));
+    let checker = tokio::spawn(check_history_periodically(sim.clone()));
+    tokio::spawn(watch_leaders(sim.clone()));
     for c in clients {
         let _ = c.await;
     }
     let _ = nemesis.await;
+    let _ = checker.await;
     sim.trace("safety phase over".into());
 
     // Liveness phase: heal everything; the cluster must make progress within the bound.
@@ -532,6 +540,51 @@ async fn final_checks(sim: &Arc<Sim>, deadline: tokio::time::Instant) {
     }
     checks += passed as u64;
     sim.count_checks(checks);
+}
+
+/// Traces every change of each node's view of its leader and term, for readable traces.
+async fn watch_leaders(sim: Arc<Sim>) {
+    let mut seen: BTreeMap<NodeId, (Option<NodeId>, u64, Option<u64>)> = BTreeMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for id in sim.cluster.regions.iter().flatten() {
+            let Some(up) = sim.cluster.running(*id) else {
+                seen.remove(id);
+                continue;
+            };
+            let m = up.raft.metrics().borrow().clone();
+            let now = (
+                m.current_leader,
+                m.current_term,
+                m.snapshot.map(|s| s.index),
+            );
+            if seen.get(id) != Some(&now) {
+                sim.trace(format!(
+                    "node {id}: term {}, leader {:?}, snapshot at {:?}, applied {:?}",
+                    now.1,
+                    now.0,
+                    now.2,
+                    m.last_applied.map(|l| l.index)
+                ));
+                seen.insert(*id, now);
+            }
+        }
+    }
+}
+
+/// How often the tag history is checked during the safety phase.
+const HISTORY_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Checks the tag history as it grows, so a stale read is reported when it happens.
+async fn check_history_periodically(sim: Arc<Sim>) {
+    while sim.faults_on() {
+        tokio::time::sleep(HISTORY_CHECK_INTERVAL).await;
+        let ops = sim.model.lock().expect("model lock").ops.clone();
+        let (violations, _) = history::check_registers(&ops);
+        for v in violations {
+            sim.violation(v.0);
+        }
+    }
 }
 
 /// Pulls with retries until `deadline` (a follower may still be fetching a blob copy).

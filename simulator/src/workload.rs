@@ -240,6 +240,9 @@ impl Client {
         let digest = Digest::sha256_of(&manifest);
         let key = (self.region, repo.to_string(), tag.to_string());
         let invoked = self.sim.now_us();
+        let at = self
+            .model()
+            .begin_write(key, Some(digest.clone()), invoked, self.id);
         let (r, t, m) = (parse_repo(repo), parse_tag(tag), manifest.clone());
         let res = self
             .cluster()
@@ -249,18 +252,11 @@ impl Client {
             })
             .await;
         let answered = self.sim.now_us();
-        let write = |answered_us| Op {
-            key: key.clone(),
-            event: Event::Write(Some(digest.clone())),
-            invoked_us: invoked,
-            answered_us,
-            client: self.id,
-        };
         match res {
             Ok(Ok(_)) => {
                 {
                     let mut m = self.model();
-                    m.record(write(Some(answered)));
+                    m.settle(at, Some((Event::Write(Some(digest.clone())), answered)));
                     m.manifests
                         .entry((self.region, repo.to_string()))
                         .or_default()
@@ -271,23 +267,25 @@ impl Client {
                 true
             }
             Ok(Err(e)) if !ambiguous(&e) => {
+                self.model().settle(at, None);
                 self.trace(format!("{kind:?} {repo}:{tag} refused by node {n}: {e}"));
                 false
             }
-            Ok(Err(e)) => {
-                self.model().record(write(None));
-                self.trace(format!(
-                    "{kind:?} {repo}:{tag} outcome unknown (node {n}): {e}"
-                ));
-                false
-            }
             Err(e @ RequestError::Down(_)) => {
+                self.model().settle(at, None);
                 self.trace(format!("{kind:?} {repo}:{tag} refused: {e}"));
                 false
             }
+            Ok(Err(e)) => {
+                self.trace(format!(
+                    "{kind:?} {repo}:{tag} -> {digest} outcome unknown (node {n}): {e}"
+                ));
+                false
+            }
             Err(e @ RequestError::Crashed(_)) => {
-                self.model().record(write(None));
-                self.trace(format!("{kind:?} {repo}:{tag} outcome unknown: {e}"));
+                self.trace(format!(
+                    "{kind:?} {repo}:{tag} -> {digest} outcome unknown: {e}"
+                ));
                 false
             }
         }
@@ -335,6 +333,7 @@ impl Client {
         let n = self.pick_node();
         let key = (self.region, repo.to_string(), tag.to_string());
         let invoked = self.sim.now_us();
+        let at = self.model().begin_write(key, None, invoked, self.id);
         let (r, t) = (parse_repo(repo), parse_tag(tag));
         let res = self
             .cluster()
@@ -344,25 +343,23 @@ impl Client {
             })
             .await;
         let answered = self.sim.now_us();
-        let (event, answered_us, ok) = match &res {
-            Ok(Ok(())) => (Event::Write(None), Some(answered), true),
+        let (outcome, ok) = match &res {
+            Ok(Ok(())) => (Some(Some((Event::Write(None), answered))), true),
             // Applied through Raft and found no tag: a linearizable read of "no tag".
-            Ok(Err(ApiError::ManifestUnknown(_))) => (Event::Read(None), Some(answered), true),
-            Ok(Err(e)) if !ambiguous(e) => return false,
-            Err(RequestError::Down(_)) => return false,
-            _ => (Event::Write(None), None, false),
+            Ok(Err(ApiError::ManifestUnknown(_))) => {
+                (Some(Some((Event::Read(None), answered))), true)
+            }
+            Ok(Err(e)) if !ambiguous(e) => (Some(None), false),
+            Err(RequestError::Down(_)) => (Some(None), false),
+            _ => (None, false),
         };
+        if let Some(outcome) = outcome {
+            self.model().settle(at, outcome);
+        }
         self.trace(format!(
             "DeleteTag {repo}:{tag} via node {n}: {:?}",
             res.map(|r| r.map_err(|e| e.to_string()))
         ));
-        self.model().record(Op {
-            key,
-            event,
-            invoked_us: invoked,
-            answered_us,
-            client: self.id,
-        });
         ok
     }
 
@@ -430,6 +427,10 @@ impl Client {
                 .await;
             if let Ok(Ok(v)) = res {
                 let answered = self.sim.now_us();
+                self.trace(format!(
+                    "StrongRead {repo}:{tag} = {} from node {n}",
+                    v.as_ref().map_or("no tag".to_string(), |d| d.to_string())
+                ));
                 self.model().record(Op {
                     key: key.clone(),
                     event: Event::Read(v),

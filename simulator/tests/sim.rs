@@ -66,6 +66,8 @@ fn sweep_passes_on_the_real_code() {
 fn first_failure(bug: Bug, seeds: std::ops::Range<u64>, secs: u64) -> Option<Summary> {
     for seed in seeds {
         let mut c = config(seed, 1, secs);
+        // More clients: more requests in flight while the nemesis strikes.
+        c.clients_per_region = 6;
         c.bug = Some(bug);
         let s = run(c);
         if !s.passed() {
@@ -88,8 +90,8 @@ fn sweep_catches_unsynced_raft_log() {
 /// register check must catch it.
 #[test]
 fn sweep_catches_stale_leader_reads() {
-    let s = first_failure(Bug::StaleLeaderReads, 0..10, 30)
-        .expect("no seed of 0..10 caught stale reads from a deposed leader");
+    let s = first_failure(Bug::StaleLeaderReads, 0..40, 30)
+        .expect("no seed of 0..40 caught stale reads from a deposed leader");
     assert!(
         s.violations.iter().any(|v| v.contains("stale")),
         "caught, but not as a stale read: {:?}",
