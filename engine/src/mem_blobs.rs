@@ -76,6 +76,11 @@ impl MemBlobStore {
         self.lock().failing = reason;
     }
 
+    /// Whether writes fail right now.
+    pub fn is_failing(&self) -> bool {
+        self.lock().failing.is_some()
+    }
+
     /// Makes every call cost `latency` (a slow disk).
     pub fn set_latency(&self, latency: std::time::Duration) {
         self.lock().latency = latency;

@@ -103,6 +103,9 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    use tracing::Instrument;
+    // The task carries on the spawner's span (the node it belongs to, in logs).
+    let fut = fut.in_current_span();
     match SCOPE.try_with(|s| s.clone()) {
         Ok(scope) => spawn_in(&scope, fut),
         Err(_) => tokio::spawn(fut),

@@ -153,6 +153,11 @@ impl Cluster {
         self.lock().get(&id).and_then(|n| n.up.clone())
     }
 
+    /// Whether the nemesis has made this node's disk fail right now.
+    pub fn disk_failing(&self, id: NodeId) -> bool {
+        self.lock()[&id].blobs.is_failing()
+    }
+
     pub fn is_up(&self, id: NodeId) -> bool {
         self.running(id).is_some()
     }
@@ -182,10 +187,18 @@ impl Cluster {
         let net = PeerNetwork {
             transport: transport.clone(),
         };
-        let raft = scope
-            .enter(Raft::new(id, rc, net, log, sm))
+        use tracing::Instrument;
+        let span = tracing::info_span!("node", id);
+        let raft = match scope
+            .enter(Raft::new(id, rc, net, log, sm).instrument(span.clone()))
             .await
-            .map_err(|e| format!("start raft on node {id}: {e}"))?;
+        {
+            Ok(r) => r,
+            Err(e) => {
+                scope.abort_all();
+                return Err(format!("start raft on node {id}: {e}"));
+            }
+        };
         let mut registry = NodeRegistry::<SimPlatform>::new(
             id,
             raft.clone(),
@@ -202,16 +215,23 @@ impl Cluster {
             self.config.raft.learner_catch_up_ms,
         )));
         peer.attach(raft.clone(), registry.clone());
-        rt::spawn_in(&scope, registry.clone().repair_loop(REPAIR_INTERVAL));
+        rt::spawn_in(
+            &scope,
+            registry
+                .clone()
+                .repair_loop(REPAIR_INTERVAL)
+                .instrument(span.clone()),
+        );
         let first_of_region = self.regions[region][0] == id;
         if first_of_region && !raft.is_initialized().await.map_err(|e| e.to_string())? {
             let members: BTreeMap<NodeId, NodeInfo> = self.regions[region]
                 .iter()
                 .map(|m| (*m, node_info(*m)))
                 .collect();
-            raft.initialize(members)
-                .await
-                .map_err(|e| format!("bootstrap region {region}: {e}"))?;
+            if let Err(e) = raft.initialize(members).await {
+                scope.abort_all();
+                return Err(format!("bootstrap region {region}: {e}"));
+            }
         }
         self.net.attach(id, peer, scope.clone());
         self.lock().get_mut(&id).expect("node exists").up = Some(Running {
@@ -231,8 +251,14 @@ impl Cluster {
         if let Some(up) = n.up.take() {
             up.scope.abort_all();
         }
-        n.kv.crash_keeping(kept_unsynced);
+        let unsynced = n.kv.crash_keeping(kept_unsynced);
         n.blobs.crash();
+        tracing::info!(
+            node = id,
+            unsynced,
+            kept = kept_unsynced.min(unsynced),
+            "crashed"
+        );
     }
 
     /// Runs `f` against a node's registry as a request that node serves: a task of its
@@ -246,7 +272,9 @@ impl Cluster {
         let Some(up) = self.running(id) else {
             return Err(RequestError::Down(id));
         };
-        rt::spawn_in(&up.scope, f(up.registry))
+        use tracing::Instrument;
+        let fut = f(up.registry).instrument(tracing::info_span!("node", id));
+        rt::spawn_in(&up.scope, fut)
             .await
             .map_err(|_| RequestError::Crashed(id))
     }

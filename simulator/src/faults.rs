@@ -338,10 +338,14 @@ pub fn crash(sim: &Sim, id: NodeId) {
     sim.trace(format!("nemesis: node {id} crashed"));
 }
 
-/// Restarts a node; a node that cannot start is a violation.
+/// Restarts a node. A node whose disk works must start; one whose disk the nemesis is
+/// failing may refuse to, and stays down until that fault ends and restarts it.
 pub async fn restart(sim: &Sim, id: NodeId) {
     match sim.cluster.start(id).await {
         Ok(()) => sim.trace(format!("node {id} restarted")),
+        Err(e) if sim.cluster.disk_failing(id) => {
+            sim.trace(format!("node {id} did not start on its failing disk: {e}"))
+        }
         Err(e) => sim.violation(format!("node {id} failed to restart: {e}")),
     }
 }

@@ -465,18 +465,48 @@ async fn liveness(sim: &Arc<Sim>, deadline: tokio::time::Instant) -> bool {
 async fn final_checks(sim: &Arc<Sim>, deadline: tokio::time::Instant) {
     let c = &sim.cluster;
     let mut checks = 0u64;
-    // Convergence: every node of a region holds the same state.
+    // Convergence: every node of a region holds the same state at the same applied entry
+    // (the repair worker may still be committing, so nodes are compared at equal positions).
     for (region, ids) in c.regions.iter().enumerate() {
-        let mut first: Option<(NodeId, blake3::Hash)> = None;
-        for id in ids {
-            let kv = c.lock()[id].kv.clone();
-            let h = state_hash(kv.as_ref());
-            match &first {
-                None => first = Some((*id, h)),
-                Some((f, fh)) if *fh != h => sim.violation(format!(
-                    "region {region}: node {id}'s state differs from node {f}'s after healing"
-                )),
-                Some(_) => checks += 1,
+        let snapshot = loop {
+            let views: Vec<(NodeId, Vec<u8>, blake3::Hash)> = ids
+                .iter()
+                .map(|id| {
+                    let kv = c.lock()[id].kv.clone();
+                    let applied = kv
+                        .get(Cf::SmMeta, engine::keys::SM_LAST_APPLIED)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    (*id, applied, state_hash(kv.as_ref()))
+                })
+                .collect();
+            if views.windows(2).all(|w| w[0].1 == w[1].1) || tokio::time::Instant::now() >= deadline
+            {
+                break views;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (first, first_applied, first_hash) = &snapshot[0];
+        for (id, applied, h) in &snapshot[1..] {
+            if applied != first_applied {
+                sim.violation(format!(
+                    "region {region}: nodes {first} and {id} never applied the same entries within the bound"
+                ));
+            } else if h != first_hash {
+                let a = state_rows(c.lock()[first].kv.as_ref());
+                let b = state_rows(c.lock()[id].kv.as_ref());
+                let diff = a
+                    .iter()
+                    .zip(b.iter())
+                    .find(|(x, y)| x != y)
+                    .map(|(x, y)| format!("first difference: {} vs {}", show_row(x), show_row(y)))
+                    .unwrap_or_else(|| format!("{} rows vs {}", a.len(), b.len()));
+                sim.violation(format!(
+                    "region {region}: node {id}'s state differs from node {first}'s at the same applied entry ({diff})"
+                ));
+            } else {
+                checks += 1;
             }
         }
     }
@@ -608,28 +638,52 @@ async fn pull_until(
     }
 }
 
-/// A hash of every state row (not the Raft log, not per-node metadata).
-fn state_hash(kv: &dyn KvStore) -> blake3::Hash {
-    let mut h = blake3::Hasher::new();
+type StateRow = (Cf, Vec<u8>, Vec<u8>);
+
+/// Every state row (not the Raft log, not per-node metadata), in order.
+fn state_rows(kv: &dyn KvStore) -> Vec<StateRow> {
+    let mut out = Vec::new();
     for cf in Cf::STATE.into_iter().filter(|cf| *cf != Cf::SmMeta) {
         let mut start = Vec::new();
         loop {
             let rows = kv.scan(cf, b"", &start, 1024).unwrap_or_default();
-            for (k, v) in &rows {
-                h.update(cf.name().as_bytes());
-                h.update(&(k.len() as u64).to_le_bytes());
-                h.update(k);
-                h.update(&(v.len() as u64).to_le_bytes());
-                h.update(v);
+            let full = rows.len() == 1024;
+            if let Some((k, _)) = rows.last() {
+                start = k.clone();
+                start.push(0);
             }
-            match rows.last() {
-                Some((k, _)) if rows.len() == 1024 => {
-                    start = k.clone();
-                    start.push(0);
-                }
-                _ => break,
+            out.extend(rows.into_iter().map(|(k, v)| (cf, k, v)));
+            if !full {
+                break;
             }
         }
+    }
+    out
+}
+
+fn show_row((cf, k, v): &StateRow) -> String {
+    format!(
+        "{}/{} ({} bytes: {})",
+        cf.name(),
+        String::from_utf8_lossy(k),
+        v.len(),
+        hex_prefix(v)
+    )
+}
+
+fn hex_prefix(v: &[u8]) -> String {
+    v.iter().take(24).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A hash of every state row.
+fn state_hash(kv: &dyn KvStore) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    for (cf, k, v) in state_rows(kv) {
+        h.update(cf.name().as_bytes());
+        h.update(&(k.len() as u64).to_le_bytes());
+        h.update(&k);
+        h.update(&(v.len() as u64).to_le_bytes());
+        h.update(&v);
     }
     h.finalize()
 }

@@ -90,6 +90,14 @@ fn main() -> ExitCode {
 
 fn real_main() -> Result<bool> {
     let args = Args::parse();
+    // Node logs on stderr when RUST_LOG asks for them (e.g. RUST_LOG=portolan_node=info).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .without_time()
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if args.regions == 0 || args.nodes == 0 || args.clients == 0 {
         bail!("--regions, --nodes and --clients must be at least 1");
     }

@@ -198,7 +198,11 @@ impl SimNet {
         let Some((handler, scope)) = self.handler(to) else {
             return std::future::pending().await;
         };
-        let task = rt::spawn_in(&scope, serve(handler));
+        use tracing::Instrument;
+        let task = rt::spawn_in(
+            &scope,
+            serve(handler).instrument(tracing::info_span!("node", id = to)),
+        );
         let Ok((answer, back_bytes)) = task.await else {
             // The node crashed while serving.
             return std::future::pending().await;

@@ -73,19 +73,24 @@ impl<S: KvStore> StateMachine<S> {
     }
 }
 
-/// Builds snapshots by scanning the state column families.
-pub struct SnapshotBuilder<S: KvStore> {
-    kv: Arc<S>,
+/// Builds a snapshot from a point-in-time copy of the state. openraft runs
+/// `build_snapshot` in a task of its own while later entries are applied, so the copy is
+/// taken in `get_snapshot_builder`, which runs in order with `apply`: a snapshot never holds
+/// effects of entries after its `last_log_id` (a follower installing it would apply them
+/// twice).
+pub struct SnapshotBuilder {
+    last_applied: Option<LogId>,
+    membership: StoredMembership<NodeId, NodeInfo>,
+    rows: Vec<(String, Vec<u8>, Vec<u8>)>,
     current: Arc<Mutex<Option<CurrentSnapshot>>>,
+    /// Why the state could not be read, if it could not.
+    failed: Option<String>,
 }
 
-impl<S: KvStore> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let sm = StateMachine {
-            kv: self.kv.clone(),
-            current: self.current.clone(),
-        };
-        let (last_applied, membership) = sm.applied()?;
+impl<S: KvStore> StateMachine<S> {
+    /// Every state row and the applied position, read together.
+    fn copy_state(&self) -> Result<SnapshotBuilder, StorageError> {
+        let (last_applied, membership) = self.applied()?;
         let mut rows = Vec::new();
         for cf in Cf::STATE {
             let mut start: Vec<u8> = Vec::new();
@@ -107,14 +112,32 @@ impl<S: KvStore> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> {
                 }
             }
         }
+        Ok(SnapshotBuilder {
+            last_applied,
+            membership,
+            rows,
+            current: self.current.clone(),
+            failed: None,
+        })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        if let Some(why) = &self.failed {
+            return Err(
+                StorageIOError::read_state_machine(&std::io::Error::other(why.clone())).into(),
+            );
+        }
+        let rows = std::mem::take(&mut self.rows);
         let data = to_bytes(&SnapshotData::V1 { rows });
-        let snapshot_id = match last_applied {
+        let snapshot_id = match self.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
             None => format!("none-{}", data.len()),
         };
         let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
             snapshot_id,
         };
         *self.current.lock().await = Some(CurrentSnapshot {
@@ -130,7 +153,7 @@ impl<S: KvStore> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> {
 }
 
 impl<S: KvStore> RaftStateMachine<TypeConfig> for StateMachine<S> {
-    type SnapshotBuilder = SnapshotBuilder<S>;
+    type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(
         &mut self,
@@ -164,6 +187,7 @@ impl<S: KvStore> RaftStateMachine<TypeConfig> for StateMachine<S> {
                     let outcome = State::new(self.kv.as_ref())
                         .apply(cmd, &mut batch)
                         .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
+                    tracing::trace!(index = entry.log_id.index, ?cmd, ?outcome, "applied");
                     Response::Outcome(outcome)
                 }
                 EntryPayload::Membership(m) => {
@@ -190,9 +214,17 @@ impl<S: KvStore> RaftStateMachine<TypeConfig> for StateMachine<S> {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder {
-            kv: self.kv.clone(),
-            current: self.current.clone(),
+        // openraft's signature leaves no room for an error here: a failed read is carried
+        // in the builder, and `build_snapshot` reports it.
+        match self.copy_state() {
+            Ok(b) => b,
+            Err(e) => SnapshotBuilder {
+                last_applied: None,
+                membership: StoredMembership::default(),
+                rows: Vec::new(),
+                current: self.current.clone(),
+                failed: Some(e.to_string()),
+            },
         }
     }
 
@@ -235,6 +267,7 @@ impl<S: KvStore> RaftStateMachine<TypeConfig> for StateMachine<S> {
         self.kv
             .write(batch, true)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        tracing::info!(snapshot = %meta.snapshot_id, last = ?meta.last_log_id, "installed snapshot");
         *self.current.lock().await = Some(CurrentSnapshot {
             meta: meta.clone(),
             data,
