@@ -129,8 +129,8 @@ impl Cluster {
         }
         let mut config = node::Config::default();
         // Small snapshot intervals, so snapshots are built and installed under faults too.
-        config.raft.snapshot_logs_since_last = 300;
-        config.raft.logs_kept_after_snapshot = 100;
+        config.raft.snapshot_logs_since_last = 1000;
+        config.raft.logs_kept_after_snapshot = 200;
         Cluster {
             net,
             nodes: Mutex::new(nodes),

@@ -603,7 +603,7 @@ async fn watch_leaders(sim: Arc<Sim>) {
 }
 
 /// How often the tag history is checked during the safety phase.
-const HISTORY_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+const HISTORY_CHECK_INTERVAL: Duration = Duration::from_secs(20);
 
 /// Checks the tag history as it grows, so a stale read is reported when it happens.
 async fn check_history_periodically(sim: Arc<Sim>) {

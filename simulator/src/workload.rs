@@ -198,7 +198,7 @@ impl Client {
         let mut layers = Vec::new();
         for _ in 0..layer_count {
             let size = rt::with_rng(|r| {
-                if r.gen_bool(0.05) {
+                if r.gen_bool(0.01) {
                     r.gen_range(1_100_000..1_300_000)
                 } else {
                     r.gen_range(1..16_384)

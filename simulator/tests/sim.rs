@@ -48,8 +48,8 @@ fn same_seed_same_trace() {
 fn sweep_passes_on_the_real_code() {
     let mut ops = 0;
     let mut faults = 0;
-    for seed in 100..106 {
-        let s = run(config(seed, 2, 30));
+    for seed in 100..110 {
+        let s = run(config(seed, 2, 60));
         assert!(s.passed(), "{}", report(&s));
         assert!(s.checks > 0, "seed {seed} checked nothing:\n{s}");
         ops += s.ops_ok;
@@ -60,6 +60,31 @@ fn sweep_passes_on_the_real_code() {
         "the workload barely ran: {ops} successful operations"
     );
     assert!(faults > 20, "the nemesis barely struck: {faults} faults");
+}
+
+/// Runs that once failed, kept as regression cases (each must pass now).
+#[test]
+fn regression_seeds() {
+    for (seed, secs, what) in [
+        (
+            3,
+            40,
+            "a node removed from its region kept forwarding writes it could never see",
+        ),
+        (
+            105,
+            30,
+            "a write still in flight was missing from the tag history the check read",
+        ),
+        (
+            6,
+            300,
+            "nodes were compared while the repair worker was still committing",
+        ),
+    ] {
+        let s = run(config(seed, 2, secs));
+        assert!(s.passed(), "regression ({what}):\n{}", report(&s));
+    }
 }
 
 /// Runs seeds until one fails; returns the failing summary.
