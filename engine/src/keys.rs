@@ -13,6 +13,7 @@
 //! sm_meta      "stats"                                            Stats
 //! raft_log     log index (u64 BE)                                 opaque Raft entry
 //! raft_meta    "vote" | "committed" | "last_purged"              opaque
+//! iam          see `iam.rs`                                      accounts, users, keys, settings
 //! ```
 //! Repository names never contain 0x00 (OCI grammar), so `repo 0x00` ends a repository's key
 //! range unambiguously: `a` and `a/b` do not share a prefix once the separator follows.
@@ -36,10 +37,12 @@ pub enum Cf {
     SmMeta,
     RaftLog,
     RaftMeta,
+    /// Accounts, users, keys, policies, repository settings (`iam.rs` draws its layout).
+    Iam,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 9] = [
+    pub const ALL: [Cf; 10] = [
         Cf::Repos,
         Cf::Blobs,
         Cf::RepoBlobs,
@@ -49,10 +52,11 @@ impl Cf {
         Cf::SmMeta,
         Cf::RaftLog,
         Cf::RaftMeta,
+        Cf::Iam,
     ];
 
     /// The families that make up the replicated state machine (what a snapshot carries).
-    pub const STATE: [Cf; 7] = [
+    pub const STATE: [Cf; 8] = [
         Cf::Repos,
         Cf::Blobs,
         Cf::RepoBlobs,
@@ -60,6 +64,7 @@ impl Cf {
         Cf::Tags,
         Cf::Referrers,
         Cf::SmMeta,
+        Cf::Iam,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +78,7 @@ impl Cf {
             Cf::SmMeta => "sm_meta",
             Cf::RaftLog => "raft_log",
             Cf::RaftMeta => "raft_meta",
+            Cf::Iam => "iam",
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod blob_store;
 pub mod chunker;
 pub mod digest;
+pub mod iam;
 pub mod keys;
 pub mod kv;
 pub mod limits;
@@ -14,6 +15,7 @@ pub mod manifest;
 pub mod media;
 pub mod mem_blobs;
 pub mod name;
+pub mod policy;
 pub mod state;
 
 pub use digest::{Algorithm, Digest, DigestError};

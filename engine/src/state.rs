@@ -65,6 +65,8 @@ pub enum Command {
     },
     /// The repair task moved a blob's copies: `holders` now hold it durably.
     BlobHoldersSet { digest: Digest, holders: Vec<u64> },
+    /// Accounts, users, keys, policies and repository settings.
+    Iam(crate::iam::IamCommand),
 }
 
 impl Command {
@@ -77,6 +79,7 @@ impl Command {
             Command::ManifestDeleted { .. } => "manifest_deleted",
             Command::TagDeleted { .. } => "tag_deleted",
             Command::BlobHoldersSet { .. } => "blob_holders_set",
+            Command::Iam(_) => "iam",
         }
     }
 }
@@ -91,6 +94,8 @@ pub enum Outcome {
     ManifestBlobUnknown(Digest),
     ManifestInvalid(String),
     TagUnknown(Tag),
+    /// An IAM command or a repository-settings rule refused the change.
+    Refused(crate::iam::Refusal),
 }
 
 /// Failures to read or write the store — not rejections of a command.
@@ -204,6 +209,53 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
     ) -> Result<Page, StateError> {
         let prefix = keys::repo_prefix(acct, repo);
         self.page(Cf::Tags, &prefix, last, n)
+    }
+
+    /// Manifests of a repository (digest text and record), after `after`, at most `n`.
+    pub fn manifests_page(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        after: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<(String, ManifestRecord)>, StateError> {
+        self.records(Cf::Manifests, acct, repo, after, n, "manifest")
+    }
+
+    /// Tags of a repository with what they point at, after `after`, at most `n`.
+    pub fn tag_records(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        after: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<(String, TagRecord)>, StateError> {
+        self.records(Cf::Tags, acct, repo, after, n, "tag")
+    }
+
+    fn records<T: for<'de> Deserialize<'de>>(
+        &self,
+        cf: Cf,
+        acct: AccountId,
+        repo: &RepoName,
+        after: Option<&str>,
+        n: usize,
+        what: &'static str,
+    ) -> Result<Vec<(String, T)>, StateError> {
+        let prefix = keys::repo_prefix(acct, repo);
+        let mut start = prefix.clone();
+        if let Some(a) = after {
+            start.extend_from_slice(a.as_bytes());
+            start.push(0);
+        }
+        self.kv
+            .scan(cf, &prefix, &start, n)?
+            .into_iter()
+            .map(|(k, v)| {
+                let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                Ok((name, dec(what, &v)?))
+            })
+            .collect()
     }
 
     /// Repositories of an account in lexical order, after `last`, at most `n`.
@@ -437,6 +489,10 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                 }
                 Ok(Outcome::Done)
             }
+            Command::Iam(c) => Ok(match crate::iam::Iam::new(self.kv).apply(c, batch)? {
+                Ok(()) => Outcome::Done,
+                Err(r) => Outcome::Refused(r),
+            }),
             Command::BlobHoldersSet { digest, holders } => {
                 let Some(mut rec) = self.blob(digest)? else {
                     return Ok(Outcome::BlobUnknown(digest.clone()));
@@ -528,6 +584,21 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
         for d in parsed.required_manifests() {
             if self.manifest(acct, repo, d)?.is_none() {
                 return Ok(Outcome::ManifestBlobUnknown(d.clone()));
+            }
+        }
+        // An immutable repository's tag never moves (checked before anything is written).
+        if let Some(tag) = tag {
+            let immutable = crate::iam::Iam::new(self.kv)
+                .repo_settings(acct, repo)?
+                .is_some_and(|s| s.tag_immutable);
+            if immutable {
+                if let Some(t) = self.tag(acct, repo, tag)? {
+                    if &t.digest != digest {
+                        return Ok(Outcome::Refused(crate::iam::Refusal::TagImmutable(
+                            tag.clone(),
+                        )));
+                    }
+                }
             }
         }
         self.ensure_repo(acct, repo, now_ms, batch)?;

@@ -2,10 +2,12 @@
 //! the HTTP API, metrics, and the server lifecycle.
 
 pub mod admin_client;
+pub mod auth;
 pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod dev_cluster;
+pub mod ecr;
 pub mod listener;
 pub mod peer;
 pub mod raft;

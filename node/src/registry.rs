@@ -218,6 +218,16 @@ impl<P: Platform> NodeRegistry<P> {
         &self.kv
     }
 
+    /// Wall-clock milliseconds on this node's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// Proposes a command through the region's leader and waits until it is applied here.
+    pub async fn propose_command(&self, cmd: Command) -> Result<Outcome, ApiError> {
+        self.propose(cmd).await
+    }
+
     /// Proposes a command and waits until it is applied; returns its outcome.
     async fn propose(&self, cmd: Command) -> Result<Outcome, ApiError> {
         let _permit = self
@@ -710,6 +720,26 @@ fn outcome_err(o: Outcome) -> ApiError {
         Outcome::ManifestBlobUnknown(d) => ApiError::ManifestBlobUnknown(d),
         Outcome::ManifestInvalid(m) => ApiError::ManifestInvalid(m),
         Outcome::TagUnknown(t) => ApiError::ManifestUnknown(t.to_string()),
+        Outcome::Refused(r) => refusal_err(r),
+    }
+}
+
+/// An IAM or repository-settings refusal as an API error.
+pub fn refusal_err(r: engine::iam::Refusal) -> ApiError {
+    use engine::iam::Refusal::*;
+    match r {
+        AccountExists => ApiError::AlreadyExists("the account".into()),
+        AccountUnknown => ApiError::Denied("no such account".into()),
+        UserExists => ApiError::AlreadyExists("the user".into()),
+        UserUnknown => ApiError::Denied("no such user".into()),
+        KeyExists => ApiError::AlreadyExists("the access key".into()),
+        KeyUnknown => ApiError::Denied("no such access key".into()),
+        RepositoryExists => ApiError::AlreadyExists("the repository".into()),
+        RepositoryUnknown => ApiError::Denied("no such repository".into()),
+        RepositoryNotEmpty => ApiError::BadParameter(
+            "the repository still holds images; delete them or force the deletion".into(),
+        ),
+        TagImmutable(t) => ApiError::TagImmutable(t.to_string()),
     }
 }
 

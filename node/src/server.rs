@@ -62,6 +62,91 @@ pub struct Node {
     /// How peers and clients reach this node.
     pub self_info: NodeInfo,
     committed_index: Arc<std::sync::atomic::AtomicU64>,
+    pub ecr: Arc<crate::ecr::NodeEcr<crate::registry::Production>>,
+}
+
+/// Environment variables that name the bootstrap administrator's key (for automation).
+pub const ADMIN_KEY_ID_ENV: &str = "PORTOLAN_ADMIN_ACCESS_KEY_ID";
+pub const ADMIN_SECRET_ENV: &str = "PORTOLAN_ADMIN_SECRET_ACCESS_KEY";
+
+/// On the node that bootstraps a region: creates the default account and its root access key
+/// on first start — from `PORTOLAN_ADMIN_ACCESS_KEY_ID`/`PORTOLAN_ADMIN_SECRET_ACCESS_KEY` when
+/// set, else generated and printed once.
+async fn bootstrap_admin(registry: &NodeRegistry, key: &crate::auth::ClusterKey) -> Result<()> {
+    use engine::iam::{Iam, IamCommand};
+    use engine::state::{Command, Outcome};
+    use engine::AccountId;
+    let acct = AccountId::DEFAULT;
+    let exists = Iam::new(registry.kv().as_ref())
+        .account(acct)
+        .context("read accounts")?
+        .is_some();
+    let from_env = match (
+        std::env::var(ADMIN_KEY_ID_ENV),
+        std::env::var(ADMIN_SECRET_ENV),
+    ) {
+        (Ok(id), Ok(secret)) => {
+            if !engine::iam::valid_access_key_id(&id) || secret.len() < 16 || secret.len() > 128 {
+                anyhow::bail!(
+                    "{ADMIN_KEY_ID_ENV} must be 16-128 of [A-Z0-9] and {ADMIN_SECRET_ENV} 16-128 characters"
+                );
+            }
+            Some((id, secret))
+        }
+        _ => None,
+    };
+    if exists && from_env.is_none() {
+        return Ok(());
+    }
+    if !exists {
+        let now = registry.now_ms();
+        match registry
+            .propose_command(Command::Iam(IamCommand::AccountCreated {
+                account: acct,
+                now_ms: now,
+            }))
+            .await
+            .map_err(|e| anyhow::anyhow!("create the default account: {e}"))?
+        {
+            Outcome::Done | Outcome::Refused(engine::iam::Refusal::AccountExists) => {}
+            o => anyhow::bail!("create the default account: {o:?}"),
+        }
+    }
+    let (id, secret, generated) = match from_env {
+        Some((id, secret)) => (id, secret, false),
+        None => {
+            let (id, secret) = crate::auth::new_access_key();
+            (id, secret, true)
+        }
+    };
+    if Iam::new(registry.kv().as_ref())
+        .access_key(&id)
+        .context("read access keys")?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let outcome = registry
+        .propose_command(Command::Iam(IamCommand::AccessKeyCreated {
+            key_id: id.clone(),
+            account: acct,
+            user: None,
+            sealed_secret: key.seal(secret.as_bytes()),
+            now_ms: registry.now_ms(),
+        }))
+        .await
+        .map_err(|e| anyhow::anyhow!("create the administrator key: {e}"))?;
+    if outcome != Outcome::Done {
+        anyhow::bail!("create the administrator key: {outcome:?}");
+    }
+    if generated {
+        // Printed once, on the first start: the secret is not shown again.
+        println!("administrator access key (shown once, store it now):");
+        println!("  aws_access_key_id     = {id}");
+        println!("  aws_secret_access_key = {secret}");
+    }
+    tracing::info!(account = %acct, key_id = %id, "bootstrap administrator key created");
+    Ok(())
 }
 
 impl Node {
@@ -139,6 +224,22 @@ impl Node {
             Duration::from_millis(config.raft.write_timeout_ms),
         ));
         peer_handler.attach(raft.clone(), registry.clone());
+        let key_path = if config.cluster.certs_dir.as_os_str().is_empty() {
+            data.join(crate::auth::CLUSTER_KEY_FILE)
+        } else {
+            config.cluster.certs_dir.join(crate::auth::CLUSTER_KEY_FILE)
+        };
+        let cluster_key =
+            crate::auth::ClusterKey::load_or_create(&key_path).context("load the cluster key")?;
+        if config.cluster.bootstrap {
+            bootstrap_admin(&registry, &cluster_key).await?;
+        }
+        let ecr = Arc::new(crate::ecr::NodeEcr {
+            registry: registry.clone(),
+            key: cluster_key,
+            region: config.node.region.clone(),
+            endpoint: http_addr.to_string(),
+        });
         Ok(Node {
             config,
             raft,
@@ -148,6 +249,7 @@ impl Node {
             transport,
             self_info,
             committed_index,
+            ecr,
         })
     }
 
@@ -175,10 +277,11 @@ impl Node {
                 axum::routing::delete(remove_member),
             )
             .with_state(Arc::new(status_state));
-        admin.merge(registry_api::router(
+        let oci = admin.merge(registry_api::router(
             self.registry.clone(),
             self.metrics.clone(),
-        ))
+        ));
+        registry_api::ecr::with_ecr(oci, self.ecr.clone())
     }
 
     /// Serves until `shutdown` resolves, then lets in-flight requests finish for up to

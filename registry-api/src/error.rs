@@ -45,6 +45,18 @@ pub enum ApiError {
     Unsupported(String),
     #[error("too many requests: {0}")]
     TooManyRequests(String),
+    /// The tag exists and the repository's tags are immutable.
+    #[error("tag {0} already exists and the repository's tags are immutable")]
+    TagImmutable(String),
+    /// A name (repository, user, key) that must be new already exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The caller is not allowed to do this (or the thing does not exist for the caller).
+    #[error("access denied: {0}")]
+    Denied(String),
+    /// No or bad credentials.
+    #[error("authentication required: {0}")]
+    Unauthorized(String),
     #[error("service unavailable: {0}")]
     Unavailable(String),
     /// A fault of this server (disk, store), never of the client's input.
@@ -73,6 +85,10 @@ impl ApiError {
             BadParameter(_) => ("UNSUPPORTED", StatusCode::BAD_REQUEST),
             Unsupported(_) => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
             TooManyRequests(_) => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
+            TagImmutable(_) => ("TAG_INVALID", StatusCode::BAD_REQUEST),
+            AlreadyExists(_) => ("DENIED", StatusCode::CONFLICT),
+            Denied(_) => ("DENIED", StatusCode::FORBIDDEN),
+            Unauthorized(_) => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),
             Unavailable(_) => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE),
             Internal(_) => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
         }

@@ -5,11 +5,13 @@
 //! results into responses. `error.rs` is the one place errors become status codes.
 //! Never: decides placement or consensus — that is the `Registry` implementation's job.
 
+pub mod ecr;
 pub mod error;
 pub mod metrics;
 pub mod oci;
 pub mod registry;
 mod route;
+pub mod sigv4;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -100,6 +100,13 @@ pub fn init(dir: &Path, name: &str, node_ids: &[u64]) -> Result<(), CertError> {
         fs::write(dir.join("cluster-name"), name),
     )?;
     io(&ca_pem, fs::write(&ca_pem, cert.pem()))?;
+    // The region's shared secret key (sealed access keys, registry tokens).
+    crate::auth::ClusterKey::load_or_create(&dir.join(crate::auth::CLUSTER_KEY_FILE)).map_err(
+        |e| CertError::Io {
+            path: dir.join(crate::auth::CLUSTER_KEY_FILE),
+            source: std::io::Error::other(e.to_string()),
+        },
+    )?;
     for id in node_ids {
         issue(dir, *id)?;
     }

@@ -1,0 +1,862 @@
+//! The node's ECR operations: repositories, images, tag mutability, repository policies,
+//! authorization tokens — each validated as ECR validates it, authorized by the policy
+//! evaluator, and written through Raft.
+//!
+//! Owns: ECR's request and response shapes and error codes, the action names.
+//! Never: bypasses the state machine (every change is a command) or the evaluator.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use engine::iam::{Iam, IamCommand, Refusal, RepoSettings};
+use engine::kv::KvStore;
+use engine::policy::{self, PolicyDocument, Principal, RequestContext};
+use engine::state::{Command, Outcome, State};
+use engine::{AccountId, Digest, Reference, RepoName, Tag};
+use registry_api::ecr::{Caller, Ecr, EcrError, KeyInfo};
+use registry_api::{ApiError, Registry};
+use serde_json::{json, Value};
+
+use crate::auth::{ClusterKey, TokenClaims, TOKEN_LIFETIME_MS};
+use crate::registry::{NodeRegistry, Platform};
+
+/// Largest page DescribeRepositories / ListImages / DescribeImages return (ECR: 1000).
+const PAGE_MAX: usize = 1000;
+/// Tags read per repository to attach tags to images.
+const TAGS_SCANNED_MAX: usize = 10_000;
+/// Image ids per BatchGetImage / BatchDeleteImage (ECR: 100).
+const IMAGE_IDS_MAX: usize = 100;
+/// Resource tags per repository (ECR: 50).
+const RESOURCE_TAGS_MAX: usize = engine::iam::RESOURCE_TAGS_MAX;
+/// Repository policy text (ECR: 10 240 characters).
+const POLICY_CHARS_MAX: usize = 10_240;
+
+/// The ECR API of one node.
+pub struct NodeEcr<P: Platform> {
+    pub registry: Arc<NodeRegistry<P>>,
+    pub key: ClusterKey,
+    /// The region name used in ARNs.
+    pub region: String,
+    /// `host:port` clients push to (repositoryUri, proxyEndpoint).
+    pub endpoint: String,
+}
+
+fn api(e: ApiError) -> EcrError {
+    match e {
+        ApiError::Unavailable(m) | ApiError::TooManyRequests(m) => EcrError {
+            code: "ServerException",
+            message: m,
+            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        },
+        ApiError::Internal(m) => EcrError::server(m),
+        other => EcrError::invalid(other.to_string()),
+    }
+}
+
+fn state_err(e: engine::state::StateError) -> EcrError {
+    EcrError::server(e.to_string())
+}
+
+fn refusal(r: Refusal, repo: &str) -> EcrError {
+    match r {
+        Refusal::RepositoryExists => EcrError::new(
+            "RepositoryAlreadyExistsException",
+            format!("The repository with name '{repo}' already exists in the registry"),
+        ),
+        Refusal::RepositoryUnknown => repo_not_found(repo),
+        Refusal::RepositoryNotEmpty => EcrError::new(
+            "RepositoryNotEmptyException",
+            format!("The repository with name '{repo}' cannot be deleted because it still contains images"),
+        ),
+        Refusal::TagImmutable(t) => EcrError::new(
+            "ImageTagAlreadyExistsException",
+            format!("The image tag '{t}' already exists in the '{repo}' repository and cannot be overwritten because the repository is immutable."),
+        ),
+        other => EcrError::invalid(format!("{other:?}")),
+    }
+}
+
+fn repo_not_found(repo: &str) -> EcrError {
+    EcrError::new(
+        "RepositoryNotFoundException",
+        format!("The repository with name '{repo}' does not exist in the registry"),
+    )
+}
+
+fn field<'a>(input: &'a Value, name: &str) -> Option<&'a Value> {
+    input.get(name).filter(|v| !v.is_null())
+}
+
+fn string(input: &Value, name: &str) -> Result<Option<String>, EcrError> {
+    match field(input, name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(EcrError::invalid(format!("'{name}' must be a string"))),
+    }
+}
+
+fn required(input: &Value, name: &str) -> Result<String, EcrError> {
+    string(input, name)?.ok_or_else(|| EcrError::invalid(format!("'{name}' is required")))
+}
+
+fn repo_name(input: &Value) -> Result<(String, RepoName), EcrError> {
+    let s = required(input, "repositoryName")?;
+    let r = RepoName::parse(&s).map_err(|e| {
+        EcrError::invalid(format!(
+            "Invalid parameter at 'repositoryName' failed to satisfy constraint: {e}"
+        ))
+    })?;
+    Ok((s, r))
+}
+
+fn max_results(input: &Value) -> Result<usize, EcrError> {
+    match field(input, "maxResults") {
+        None => Ok(100),
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=PAGE_MAX as u64).contains(&n) => Ok(n as usize),
+            _ => Err(EcrError::invalid(format!(
+                "'maxResults' must be between 1 and {PAGE_MAX}"
+            ))),
+        },
+    }
+}
+
+fn mutability(s: &str) -> Result<bool, EcrError> {
+    match s {
+        "MUTABLE" => Ok(false),
+        "IMMUTABLE" => Ok(true),
+        _ => Err(EcrError::invalid(
+            "'imageTagMutability' must be MUTABLE or IMMUTABLE",
+        )),
+    }
+}
+
+fn mutability_name(immutable: bool) -> &'static str {
+    if immutable {
+        "IMMUTABLE"
+    } else {
+        "MUTABLE"
+    }
+}
+
+/// Checks the caller's registry id, if given: it names the account acted on.
+fn target_account(caller: &Caller, input: &Value) -> Result<AccountId, EcrError> {
+    let id = string(input, "registryId")?.unwrap_or_else(|| caller.account.clone());
+    AccountId::parse(&id)
+        .map_err(|_| EcrError::invalid("'registryId' must be 12 digits".to_string()))
+}
+
+fn secs(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+impl<P: Platform> NodeEcr<P> {
+    fn state(&self) -> State<'_, P::Kv> {
+        State::new(self.registry.kv().as_ref())
+    }
+
+    fn iam(&self) -> Iam<'_, P::Kv> {
+        Iam::new(self.registry.kv().as_ref())
+    }
+
+    fn arn(&self, acct: AccountId, repo: &str) -> String {
+        format!("arn:aws:ecr:{}:{acct}:repository/{repo}", self.region)
+    }
+
+    /// Whether `caller` may do `action` on `resource` (a repository ARN, or the registry).
+    fn authorize(
+        &self,
+        caller: &Caller,
+        action: &str,
+        acct: AccountId,
+        repo: Option<&RepoName>,
+    ) -> Result<(), EcrError> {
+        let principal = Principal {
+            account: caller.account.clone(),
+            user: caller.user.clone(),
+        };
+        let iam = self.iam();
+        let mut identity = Vec::new();
+        if let Some(u) = &caller.user {
+            let caller_acct = AccountId::parse(&caller.account)
+                .map_err(|_| EcrError::server("caller account is malformed"))?;
+            let rec = iam.user(caller_acct, u).map_err(state_err)?;
+            for text in rec.map(|r| r.policies).unwrap_or_default() {
+                if let Ok(p) = PolicyDocument::parse_identity(&text) {
+                    identity.push(p);
+                }
+            }
+        }
+        let mut resource_policies = Vec::new();
+        if let Some(r) = repo {
+            if let Some(text) = iam
+                .repo_settings(acct, r)
+                .map_err(state_err)?
+                .and_then(|s| s.policy)
+            {
+                if let Ok(p) = PolicyDocument::parse_resource(&text) {
+                    resource_policies.push(p);
+                }
+            }
+        }
+        if let Some(text) = iam.registry_policy(acct).map_err(state_err)? {
+            if let Ok(p) = PolicyDocument::parse_resource(&text) {
+                resource_policies.push(p);
+            }
+        }
+        let resource = match repo {
+            Some(r) => self.arn(acct, r.as_str()),
+            None => format!("arn:aws:ecr:{}:{acct}:repository/*", self.region),
+        };
+        let context = BTreeMap::new();
+        let req = RequestContext {
+            principal: &principal,
+            action,
+            resource: &resource,
+            resource_account: &acct.to_string(),
+            context: &context,
+        };
+        if policy::is_allowed(&identity, &resource_policies, &req) {
+            Ok(())
+        } else {
+            let who = principal.arn();
+            Err(EcrError {
+                code: "AccessDeniedException",
+                message: format!(
+                    "User: {who} is not authorized to perform: {action} on resource: {resource}"
+                ),
+                status: axum::http::StatusCode::BAD_REQUEST,
+            })
+        }
+    }
+
+    async fn propose(&self, cmd: Command, repo: &str) -> Result<(), EcrError> {
+        match self.registry.propose_command(cmd).await.map_err(api)? {
+            Outcome::Done => Ok(()),
+            Outcome::Refused(r) => Err(refusal(r, repo)),
+            o => Err(EcrError::invalid(format!("{o:?}"))),
+        }
+    }
+
+    fn repository_json(&self, acct: AccountId, name: &str, s: &RepoSettings) -> Value {
+        json!({
+            "repositoryArn": self.arn(acct, name),
+            "registryId": acct.to_string(),
+            "repositoryName": name,
+            "repositoryUri": format!("{}/{name}", self.endpoint),
+            "createdAt": secs(s.created_ms),
+            "imageTagMutability": mutability_name(s.tag_immutable),
+            "imageScanningConfiguration": { "scanOnPush": s.scan_on_push },
+            "encryptionConfiguration": { "encryptionType": "AES256" },
+        })
+    }
+
+    /// A repository's settings, or the defaults for one created by a push.
+    fn settings(&self, acct: AccountId, repo: &RepoName) -> Result<Option<RepoSettings>, EcrError> {
+        if let Some(s) = self.iam().repo_settings(acct, repo).map_err(state_err)? {
+            return Ok(Some(s));
+        }
+        let created = self
+            .registry
+            .kv()
+            .get(engine::keys::Cf::Repos, &engine::keys::repo_key(acct, repo))
+            .map_err(|e| EcrError::server(e.to_string()))?
+            .and_then(|v| engine::keys::decode::<engine::keys::RepoRecord>(&v).ok());
+        Ok(created.map(|r| RepoSettings {
+            created_ms: r.created_ms,
+            ..RepoSettings::default()
+        }))
+    }
+
+    fn existing(
+        &self,
+        acct: AccountId,
+        name: &str,
+        repo: &RepoName,
+    ) -> Result<RepoSettings, EcrError> {
+        self.settings(acct, repo)?
+            .ok_or_else(|| repo_not_found(name))
+    }
+
+    async fn create_repository(&self, c: &Caller, input: &Value) -> Result<Value, EcrError> {
+        let acct = target_account(c, input)?;
+        let (name, repo) = repo_name(input)?;
+        self.authorize(c, "ecr:CreateRepository", acct, Some(&repo))?;
+        let tag_immutable = match string(input, "imageTagMutability")? {
+            Some(m) => mutability(&m)?,
+            None => false,
+        };
+        let scan_on_push = field(input, "imageScanningConfiguration")
+            .and_then(|v| v.get("scanOnPush"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let tags = resource_tags(field(input, "tags"))?;
+        let settings = RepoSettings {
+            created_ms: self.registry.now_ms(),
+            tag_immutable,
+            scan_on_push,
+            policy: None,
+            tags,
+        };
+        self.propose(
+            Command::Iam(IamCommand::RepositoryCreated {
+                account: acct,
+                repo: repo.clone(),
+                settings: settings.clone(),
+            }),
+            &name,
+        )
+        .await?;
+        Ok(json!({ "repository": self.repository_json(acct, &name, &settings) }))
+    }
+
+    fn describe_repositories(&self, c: &Caller, input: &Value) -> Result<Value, EcrError> {
+        let acct = target_account(c, input)?;
+        let names = match field(input, "repositoryNames") {
+            None => None,
+            Some(Value::Array(a)) if a.len() <= 100 => Some(
+                a.iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| EcrError::invalid("'repositoryNames' must hold strings"))?,
+            ),
+            Some(_) => Err(EcrError::invalid(
+                "'repositoryNames' must be a list of at most 100 names",
+            ))?,
+        };
+        let mut out = Vec::new();
+        let mut next = None;
+        match names {
+            Some(names) => {
+                for name in names {
+                    let repo =
+                        RepoName::parse(&name).map_err(|e| EcrError::invalid(e.to_string()))?;
+                    self.authorize(c, "ecr:DescribeRepositories", acct, Some(&repo))?;
+                    let s = self.existing(acct, &name, &repo)?;
+                    out.push(self.repository_json(acct, &name, &s));
+                }
+            }
+            None => {
+                self.authorize(c, "ecr:DescribeRepositories", acct, None)?;
+                let limit = max_results(input)?;
+                let after = string(input, "nextToken")?;
+                let page = self
+                    .state()
+                    .catalog(acct, after.as_deref(), limit)
+                    .map_err(state_err)?;
+                for name in &page.names {
+                    let repo =
+                        RepoName::parse(name).map_err(|e| EcrError::server(e.to_string()))?;
+                    if let Some(s) = self.settings(acct, &repo)? {
+                        out.push(self.repository_json(acct, name, &s));
+                    }
+                }
+                if page.more {
+                    next = page.names.last().cloned();
+                }
+            }
+        }
+        let mut v = json!({ "repositories": out });
+        if let Some(n) = next {
+            v["nextToken"] = json!(n);
+        }
+        Ok(v)
+    }
+
+    async fn delete_repository(&self, c: &Caller, input: &Value) -> Result<Value, EcrError> {
+        let acct = target_account(c, input)?;
+        let (name, repo) = repo_name(input)?;
+        self.authorize(c, "ecr:DeleteRepository", acct, Some(&repo))?;
+        let force = field(input, "force")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let s = self.existing(acct, &name, &repo)?;
+        self.propose(
+            Command::Iam(IamCommand::RepositoryDeleted {
+                account: acct,
+                repo,
+                force,
+            }),
+            &name,
+        )
+        .await?;
+        Ok(json!({ "repository": self.repository_json(acct, &name, &s) }))
+    }
+
+    /// digest → tags of a repository (bounded).
+    fn tags_by_digest(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+    ) -> Result<BTreeMap<String, Vec<String>>, EcrError> {
+        let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (tag, rec) in self
+            .state()
+            .tag_records(acct, repo, None, TAGS_SCANNED_MAX)
+            .map_err(state_err)?
+        {
+            m.entry(rec.digest.to_string()).or_default().push(tag);
+        }
+        Ok(m)
+    }
+
+    fn list_images(&self, c: &Caller, input: &Value, details: bool) -> Result<Value, EcrError> {
+        let acct = target_account(c, input)?;
+        let (name, repo) = repo_name(input)?;
+        let action = if details {
+            "ecr:DescribeImages"
+        } else {
+            "ecr:ListImages"
+        };
+        self.authorize(c, action, acct, Some(&repo))?;
+        self.existing(acct, &name, &repo)?;
+        let limit = max_results(input)?;
+        let after = string(input, "nextToken")?;
+        let tags = self.tags_by_digest(acct, &repo)?;
+        let wanted: Option<Vec<ImageId>> = match field(input, "imageIds") {
+            None => None,
+            Some(v) => Some(image_ids(v)?),
+        };
+        let status = field(input, "filter")
+            .and_then(|f| f.get("tagStatus"))
+            .and_then(Value::as_str)
+            .unwrap_or("ANY")
+            .to_string();
+        let page = self
+            .state()
+            .manifests_page(acct, &repo, after.as_deref(), limit + 1)
+            .map_err(state_err)?;
+        let more = page.len() > limit;
+        let mut out = Vec::new();
+        for (digest, rec) in page.iter().take(limit) {
+            let t = tags.get(digest).cloned().unwrap_or_default();
+            if let Some(w) = &wanted {
+                let hit = w.iter().any(|(d, tag)| {
+                    d.as_deref() == Some(digest.as_str())
+                        || tag.as_ref().is_some_and(|tag| t.contains(tag))
+                });
+                if !hit {
+                    continue;
+                }
+            }
+            match status.as_str() {
+                "TAGGED" if t.is_empty() => continue,
+                "UNTAGGED" if !t.is_empty() => continue,
+                _ => {}
+            }
+            if details {
+                let size: u64 = engine::manifest::parse(&rec.bytes, &rec.media_type, u64::MAX)
+                    .map(|m| m.config.iter().chain(m.layers.iter()).map(|d| d.size).sum())
+                    .unwrap_or(0);
+                let mut d = json!({
+                    "registryId": acct.to_string(),
+                    "repositoryName": name,
+                    "imageDigest": digest,
+                    "imageSizeInBytes": size,
+                    "imagePushedAt": secs(rec.pushed_ms),
+                    "imageManifestMediaType": rec.media_type,
+                });
+                if !t.is_empty() {
+                    d["imageTags"] = json!(t);
+                }
+                out.push(d);
+            } else if t.is_empty() {
+                out.push(json!({ "imageDigest": digest }));
+            } else {
+                for tag in &t {
+                    out.push(json!({ "imageDigest": digest, "imageTag": tag }));
+                }
+            }
+        }
+        let key = if details { "imageDetails" } else { "imageIds" };
+        let mut v = json!({ key: out });
+        if more {
+            if let Some((last, _)) = page.get(limit - 1) {
+                v["nextToken"] = json!(last);
+            }
+        }
+        Ok(v)
+    }
+
+    /// Resolves image ids to (digest, tag as asked).
+    fn resolve(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        ids: &[ImageId],
+    ) -> Vec<Result<(Digest, Value), Value>> {
+        ids.iter()
+            .map(|(d, t)| {
+                let id = json!({ "imageDigest": d, "imageTag": t });
+                let digest = match (d, t) {
+                    (Some(d), _) => Digest::parse(d).map_err(|_| {
+                        json!({ "imageId": id, "failureCode": "InvalidImageDigest", "failureReason": "Invalid image digest" })
+                    })?,
+                    (None, Some(t)) => {
+                        let tag = Tag::parse(t).map_err(|_| {
+                            json!({ "imageId": id, "failureCode": "InvalidImageTag", "failureReason": "Invalid image tag" })
+                        })?;
+                        match self.state().tag(acct, repo, &tag) {
+                            Ok(Some(rec)) => rec.digest,
+                            _ => {
+                                return Err(json!({ "imageId": id, "failureCode": "ImageNotFound", "failureReason": "Requested image not found" }))
+                            }
+                        }
+                    }
+                    (None, None) => {
+                        return Err(json!({ "imageId": id, "failureCode": "MissingDigestAndTag", "failureReason": "Missing digest and tag" }))
+                    }
+                };
+                Ok((digest, id))
+            })
+            .collect()
+    }
+
+    fn batch_get_image(&self, c: &Caller, input: &Value) -> Result<Value, EcrError> {
+        let acct = target_account(c, input)?;
+        let (name, repo) = repo_name(input)?;
+        self.authorize(c, "ecr:BatchGetImage", acct, Some(&repo))?;
+        self.existing(acct, &name, &repo)?;
+        let ids = image_ids(
+            field(input, "imageIds").ok_or_else(|| EcrError::invalid("'imageIds' is required"))?,
+        )?;
+        let mut images = Vec::new();
+        let mut failures = Vec::new();
+        for r in self.resolve(acct, &repo, &ids) {
+            match r {
+                Ok((digest, id)) => match self.state().manifest(acct, &repo, &digest).map_err(state_err)? {
+                    Some(m) => {
+                        let mut image_id = json!({ "imageDigest": digest.to_string() });
+                        if let Some(t) = id.get("imageTag").filter(|t| !t.is_null()) {
+                            image_id["imageTag"] = t.clone();
+                        }
+                        images.push(json!({
+                            "registryId": acct.to_string(),
+                            "repositoryName": name,
+                            "imageId": image_id,
+                            "imageManifest": String::from_utf8_lossy(&m.bytes),
+                            "imageManifestMediaType": m.media_type,
+                        }))
+                    }
+                    None => failures.push(json!({ "imageId": id, "failureCode": "ImageNotFound", "failureReason": "Requested image not found" })),
+                },
+                Err(f) => failures.push(f),
+            }
+        }
+        Ok(json!({ "images": images, "failures": failures }))
+    }
+
+    async fn batch_delete_image(&self, c: &Caller, input: &Value) -> Result<Value, EcrError> {
+        let acct = target_account(c, input)?;
+        let (name, repo) = repo_name(input)?;
+        self.authorize(c, "ecr:BatchDeleteImage", acct, Some(&repo))?;
+        self.existing(acct, &name, &repo)?;
+        let ids = image_ids(
+            field(input, "imageIds").ok_or_else(|| EcrError::invalid("'imageIds' is required"))?,
+        )?;
+        let mut deleted = Vec::new();
+        let mut failures = Vec::new();
+        for (r, (d, t)) in self.resolve(acct, &repo, &ids).into_iter().zip(ids.iter()) {
+            match r {
+                Ok((digest, id)) => {
+                    // A digest deletes the image (and its tags); a tag alone untags it.
+                    let (cmd, reference) = match (d, t) {
+                        (None, Some(t)) => (
+                            Command::TagDeleted {
+                                account: acct,
+                                repo: repo.clone(),
+                                tag: Tag::parse(t).map_err(|e| EcrError::invalid(e.to_string()))?,
+                            },
+                            "tag",
+                        ),
+                        _ => (
+                            Command::ManifestDeleted {
+                                account: acct,
+                                repo: repo.clone(),
+                                digest: digest.clone(),
+                            },
+                            "digest",
+                        ),
+                    };
+                    let _ = reference;
+                    match self.registry.propose_command(cmd).await.map_err(api)? {
+                        Outcome::Done => {
+                            let mut out = json!({ "imageDigest": digest.to_string() });
+                            if let Some(t) = t {
+                                out["imageTag"] = json!(t);
+                            }
+                            deleted.push(out);
+                        }
+                        _ => failures.push(json!({ "imageId": id, "failureCode": "ImageNotFound", "failureReason": "Requested image not found" })),
+                    }
+                }
+                Err(f) => failures.push(f),
+            }
+        }
+        Ok(json!({ "imageIds": deleted, "failures": failures }))
+    }
+
+    async fn put_image(&self, c: &Caller, input: &Value) -> Result<Value, EcrError> {
+        let acct = target_account(c, input)?;
+        let (name, repo) = repo_name(input)?;
+        self.authorize(c, "ecr:PutImage", acct, Some(&repo))?;
+        self.existing(acct, &name, &repo)?;
+        let manifest = required(input, "imageManifest")?;
+        let media_type = match string(input, "imageManifestMediaType")? {
+            Some(m) => m,
+            None => serde_json::from_str::<Value>(&manifest)
+                .ok()
+                .and_then(|v| {
+                    v.get("mediaType")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                })
+                .ok_or_else(|| {
+                    EcrError::invalid(
+                        "'imageManifestMediaType' is required when the manifest names none",
+                    )
+                })?,
+        };
+        let bytes = Bytes::from(manifest);
+        let digest = Digest::sha256_of(&bytes);
+        if let Some(d) = string(input, "imageDigest")? {
+            if d != digest.to_string() {
+                return Err(EcrError::new(
+                    "ImageDigestDoesNotMatchException",
+                    format!("The digest {d} does not match the manifest's {digest}"),
+                ));
+            }
+        }
+        let tag = string(input, "imageTag")?;
+        let reference = match &tag {
+            Some(t) => Reference::Tag(Tag::parse(t).map_err(|e| EcrError::invalid(e.to_string()))?),
+            None => Reference::Digest(digest.clone()),
+        };
+        if let (Some(t), Reference::Tag(tag)) = (&tag, &reference) {
+            if let Some(existing) = self.state().tag(acct, &repo, tag).map_err(state_err)? {
+                if existing.digest == digest {
+                    return Err(EcrError::new("ImageAlreadyExistsException", format!("Image with digest '{digest}' and tag '{t}' already exists in the repository with name '{name}'")));
+                }
+            }
+        }
+        match self
+            .registry
+            .manifest_put(acct, &repo, &reference, &media_type, bytes)
+            .await
+        {
+            Ok(_) => {}
+            Err(ApiError::TagImmutable(t)) => {
+                return Err(refusal(
+                    Refusal::TagImmutable(
+                        Tag::parse(&t).map_err(|e| EcrError::invalid(e.to_string()))?,
+                    ),
+                    &name,
+                ))
+            }
+            Err(ApiError::ManifestBlobUnknown(d)) => {
+                return Err(EcrError::new(
+                    "LayersNotFoundException",
+                    format!("Layer {d} is not in the repository"),
+                ))
+            }
+            Err(e) => return Err(api(e)),
+        }
+        let mut image_id = json!({ "imageDigest": digest.to_string() });
+        if let Some(t) = tag {
+            image_id["imageTag"] = json!(t);
+        }
+        Ok(
+            json!({ "image": { "registryId": acct.to_string(), "repositoryName": name, "imageId": image_id, "imageManifest": input["imageManifest"], "imageManifestMediaType": media_type } }),
+        )
+    }
+
+    async fn put_tag_mutability(&self, c: &Caller, input: &Value) -> Result<Value, EcrError> {
+        let acct = target_account(c, input)?;
+        let (name, repo) = repo_name(input)?;
+        self.authorize(c, "ecr:PutImageTagMutability", acct, Some(&repo))?;
+        let immutable = mutability(&required(input, "imageTagMutability")?)?;
+        let mut s = self.existing(acct, &name, &repo)?;
+        s.tag_immutable = immutable;
+        self.set_settings(acct, &name, &repo, s).await?;
+        Ok(
+            json!({ "registryId": acct.to_string(), "repositoryName": name, "imageTagMutability": mutability_name(immutable) }),
+        )
+    }
+
+    async fn set_settings(
+        &self,
+        acct: AccountId,
+        name: &str,
+        repo: &RepoName,
+        s: RepoSettings,
+    ) -> Result<(), EcrError> {
+        self.propose(
+            Command::Iam(IamCommand::RepositorySettingsSet {
+                account: acct,
+                repo: repo.clone(),
+                settings: s,
+            }),
+            name,
+        )
+        .await
+    }
+
+    async fn repository_policy(
+        &self,
+        c: &Caller,
+        op: &str,
+        input: &Value,
+    ) -> Result<Value, EcrError> {
+        let acct = target_account(c, input)?;
+        let (name, repo) = repo_name(input)?;
+        let action = format!("ecr:{op}");
+        self.authorize(c, &action, acct, Some(&repo))?;
+        let mut s = self.existing(acct, &name, &repo)?;
+        match op {
+            "SetRepositoryPolicy" => {
+                let text = required(input, "policyText")?;
+                if text.len() > POLICY_CHARS_MAX {
+                    return Err(EcrError::invalid(format!("'policyText' is longer than {POLICY_CHARS_MAX} characters")));
+                }
+                let doc = PolicyDocument::parse_resource(&text).map_err(|e| EcrError::invalid(format!("Invalid repository policy provided: {e}")))?;
+                let normalized = doc.to_json();
+                s.policy = Some(normalized.clone());
+                self.set_settings(acct, &name, &repo, s).await?;
+                Ok(json!({ "registryId": acct.to_string(), "repositoryName": name, "policyText": normalized }))
+            }
+            "GetRepositoryPolicy" => match s.policy {
+                Some(p) => Ok(json!({ "registryId": acct.to_string(), "repositoryName": name, "policyText": p })),
+                None => Err(EcrError::new("RepositoryPolicyNotFoundException", format!("Repository policy does not exist for the repository with name '{name}' in the registry with id '{acct}'"))),
+            },
+            _ => {
+                let Some(p) = s.policy.take() else {
+                    return Err(EcrError::new("RepositoryPolicyNotFoundException", format!("Repository policy does not exist for the repository with name '{name}' in the registry with id '{acct}'")));
+                };
+                self.set_settings(acct, &name, &repo, s).await?;
+                Ok(json!({ "registryId": acct.to_string(), "repositoryName": name, "policyText": p }))
+            }
+        }
+    }
+
+    fn authorization_token(&self, c: &Caller) -> Result<Value, EcrError> {
+        use base64::Engine as _;
+        let acct = AccountId::parse(&c.account)
+            .map_err(|_| EcrError::server("caller account is malformed"))?;
+        self.authorize(c, "ecr:GetAuthorizationToken", acct, None)?;
+        let exp_ms = self.registry.now_ms() + TOKEN_LIFETIME_MS;
+        let token = self.key.issue_token(&TokenClaims {
+            account: c.account.clone(),
+            user: c.user.clone(),
+            key_id: c.key_id.clone(),
+            exp_ms,
+        });
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("AWS:{token}"));
+        Ok(json!({ "authorizationData": [{
+            "authorizationToken": basic,
+            "expiresAt": secs(exp_ms),
+            "proxyEndpoint": format!("http://{}", self.endpoint),
+        }] }))
+    }
+
+    fn describe_registry(&self, c: &Caller) -> Result<Value, EcrError> {
+        let acct = AccountId::parse(&c.account)
+            .map_err(|_| EcrError::server("caller account is malformed"))?;
+        self.authorize(c, "ecr:DescribeRegistry", acct, None)?;
+        Ok(json!({ "registryId": acct.to_string(), "replicationConfiguration": { "rules": [] } }))
+    }
+}
+
+/// An ECR image id as asked: digest and/or tag.
+type ImageId = (Option<String>, Option<String>);
+
+/// `imageIds`: a list of `{imageDigest?, imageTag?}` (at most 100).
+fn image_ids(v: &Value) -> Result<Vec<ImageId>, EcrError> {
+    let a = v
+        .as_array()
+        .filter(|a| !a.is_empty() && a.len() <= IMAGE_IDS_MAX)
+        .ok_or_else(|| {
+            EcrError::invalid(format!("'imageIds' must list 1 to {IMAGE_IDS_MAX} images"))
+        })?;
+    a.iter()
+        .map(|id| {
+            let get = |k: &str| id.get(k).and_then(Value::as_str).map(str::to_string);
+            Ok((get("imageDigest"), get("imageTag")))
+        })
+        .collect()
+}
+
+/// ECR resource tags: `[{Key, Value}]`, at most 50, keys 1–128 and values ≤ 256 characters.
+fn resource_tags(v: Option<&Value>) -> Result<BTreeMap<String, String>, EcrError> {
+    let Some(v) = v else {
+        return Ok(BTreeMap::new());
+    };
+    let a = v
+        .as_array()
+        .filter(|a| a.len() <= RESOURCE_TAGS_MAX)
+        .ok_or_else(|| {
+            EcrError::invalid(format!("'tags' must list at most {RESOURCE_TAGS_MAX} tags"))
+        })?;
+    let mut out = BTreeMap::new();
+    for t in a {
+        let k = t.get("Key").and_then(Value::as_str).unwrap_or_default();
+        let val = t.get("Value").and_then(Value::as_str).unwrap_or_default();
+        if k.is_empty() || k.len() > 128 || val.len() > 256 {
+            return Err(EcrError::invalid(
+                "a tag's Key must be 1-128 and its Value at most 256 characters",
+            ));
+        }
+        out.insert(k.to_string(), val.to_string());
+    }
+    Ok(out)
+}
+
+impl<P: Platform> Ecr for NodeEcr<P> {
+    fn access_key(&self, key_id: &str) -> Result<Option<KeyInfo>, EcrError> {
+        let Some(rec) = self.iam().access_key(key_id).map_err(state_err)? else {
+            return Ok(None);
+        };
+        if rec.revoked_ms.is_some() {
+            return Ok(None);
+        }
+        let secret = self
+            .key
+            .open(&rec.sealed_secret)
+            .map_err(|e| EcrError::server(e.to_string()))?;
+        Ok(Some(KeyInfo {
+            caller: Caller {
+                account: rec.account.to_string(),
+                user: rec.user,
+                key_id: key_id.to_string(),
+            },
+            secret: String::from_utf8_lossy(&secret).into_owned(),
+        }))
+    }
+
+    fn now_secs(&self) -> u64 {
+        self.registry.now_ms() / 1000
+    }
+
+    async fn call(&self, caller: &Caller, op: &str, input: Value) -> Result<Value, EcrError> {
+        match op {
+            "CreateRepository" => self.create_repository(caller, &input).await,
+            "DescribeRepositories" => self.describe_repositories(caller, &input),
+            "DeleteRepository" => self.delete_repository(caller, &input).await,
+            "ListImages" => self.list_images(caller, &input, false),
+            "DescribeImages" => self.list_images(caller, &input, true),
+            "BatchGetImage" => self.batch_get_image(caller, &input),
+            "BatchDeleteImage" => self.batch_delete_image(caller, &input).await,
+            "PutImage" => self.put_image(caller, &input).await,
+            "PutImageTagMutability" => self.put_tag_mutability(caller, &input).await,
+            "SetRepositoryPolicy" | "GetRepositoryPolicy" | "DeleteRepositoryPolicy" => {
+                self.repository_policy(caller, op, &input).await
+            }
+            "GetAuthorizationToken" => self.authorization_token(caller),
+            "DescribeRegistry" => self.describe_registry(caller),
+            other => Err(EcrError::new(
+                "UnknownOperationException",
+                format!("operation {other} is not supported"),
+            )),
+        }
+    }
+}
