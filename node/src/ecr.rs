@@ -759,6 +759,189 @@ impl<P: Platform> NodeEcr<P> {
         }] }))
     }
 
+    /// Administration is for the account's root key, or the system administrator (the root
+    /// of the default account) on any account.
+    fn admin(&self, c: &Caller, acct: AccountId) -> Result<(), EcrError> {
+        let root = c.user.is_none();
+        let own = c.account == acct.to_string();
+        let system = c.account == AccountId::DEFAULT.to_string();
+        if root && (own || system) {
+            return Ok(());
+        }
+        Err(EcrError {
+            code: "AccessDeniedException",
+            message: format!(
+                "only the root key of account {acct} (or the system administrator) may administer it"
+            ),
+            status: axum::http::StatusCode::BAD_REQUEST,
+        })
+    }
+
+    async fn iam_op(&self, c: &Caller, op: &str, input: &Value) -> Result<Value, EcrError> {
+        let acct = match string(input, "accountId")? {
+            Some(a) => AccountId::parse(&a)
+                .map_err(|_| EcrError::invalid("'accountId' must be 12 digits"))?,
+            None => AccountId::parse(&c.account)
+                .map_err(|_| EcrError::server("caller account is malformed"))?,
+        };
+        let user = |input: &Value| -> Result<Option<String>, EcrError> {
+            match string(input, "userName")? {
+                Some(u) if engine::iam::valid_user_name(&u) => Ok(Some(u)),
+                Some(_) => Err(EcrError::invalid(
+                    "'userName' must be 1-64 of letters, digits and +=,.@_-",
+                )),
+                None => Ok(None),
+            }
+        };
+        let refused = |r: Refusal| EcrError::invalid(format!("{r:?}"));
+        let run = |cmd: IamCommand| async move {
+            match self
+                .registry
+                .propose_command(Command::Iam(cmd))
+                .await
+                .map_err(api)?
+            {
+                Outcome::Done => Ok(()),
+                Outcome::Refused(r) => Err(refused(r)),
+                o => Err(EcrError::server(format!("{o:?}"))),
+            }
+        };
+        match op {
+            "CreateAccount" => {
+                // Only the system administrator creates accounts.
+                self.admin(c, AccountId::DEFAULT)?;
+                run(IamCommand::AccountCreated {
+                    account: acct,
+                    now_ms: self.registry.now_ms(),
+                })
+                .await?;
+                Ok(json!({ "accountId": acct.to_string() }))
+            }
+            "CreateUser" => {
+                self.admin(c, acct)?;
+                let u = user(input)?.ok_or_else(|| EcrError::invalid("'userName' is required"))?;
+                run(IamCommand::UserCreated {
+                    account: acct,
+                    user: u.clone(),
+                    now_ms: self.registry.now_ms(),
+                })
+                .await?;
+                Ok(json!({ "accountId": acct.to_string(), "userName": u }))
+            }
+            "PutUserPolicy" => {
+                self.admin(c, acct)?;
+                let u = user(input)?.ok_or_else(|| EcrError::invalid("'userName' is required"))?;
+                let docs = field(input, "policyDocuments")
+                    .and_then(Value::as_array)
+                    .filter(|a| a.len() <= 10)
+                    .ok_or_else(|| {
+                        EcrError::invalid("'policyDocuments' must list at most 10 policies")
+                    })?;
+                let mut policies = Vec::new();
+                for d in docs {
+                    let text = d
+                        .as_str()
+                        .ok_or_else(|| EcrError::invalid("a policy document must be a string"))?;
+                    let doc = PolicyDocument::parse_identity(text)
+                        .map_err(|e| EcrError::invalid(format!("Invalid identity policy: {e}")))?;
+                    policies.push(doc.to_json());
+                }
+                run(IamCommand::UserPoliciesSet {
+                    account: acct,
+                    user: u.clone(),
+                    policies,
+                })
+                .await?;
+                Ok(json!({ "accountId": acct.to_string(), "userName": u }))
+            }
+            "CreateAccessKey" => {
+                self.admin(c, acct)?;
+                let u = user(input)?;
+                let (id, secret) = crate::auth::new_access_key();
+                run(IamCommand::AccessKeyCreated {
+                    key_id: id.clone(),
+                    account: acct,
+                    user: u.clone(),
+                    sealed_secret: self.key.seal(secret.as_bytes()),
+                    now_ms: self.registry.now_ms(),
+                })
+                .await?;
+                Ok(json!({ "accessKey": {
+                    "accountId": acct.to_string(),
+                    "userName": u,
+                    "accessKeyId": id,
+                    "secretAccessKey": secret,
+                } }))
+            }
+            "RevokeAccessKey" => {
+                let id = required(input, "accessKeyId")?;
+                let rec = self
+                    .iam()
+                    .access_key(&id)
+                    .map_err(state_err)?
+                    .ok_or_else(|| EcrError::invalid("no such access key"))?;
+                self.admin(c, rec.account)?;
+                run(IamCommand::AccessKeyRevoked {
+                    key_id: id.clone(),
+                    now_ms: self.registry.now_ms(),
+                })
+                .await?;
+                Ok(json!({ "accessKeyId": id }))
+            }
+            other => Err(EcrError::new(
+                "UnknownOperationException",
+                format!("administration operation {other} is not supported"),
+            )),
+        }
+    }
+
+    async fn registry_policy(
+        &self,
+        c: &Caller,
+        op: &str,
+        input: &Value,
+    ) -> Result<Value, EcrError> {
+        let acct = AccountId::parse(&c.account)
+            .map_err(|_| EcrError::server("caller account is malformed"))?;
+        self.authorize(c, &format!("ecr:{op}"), acct, None)?;
+        let current = self.iam().registry_policy(acct).map_err(state_err)?;
+        let set = |policy: Option<String>| {
+            Command::Iam(IamCommand::RegistryPolicySet {
+                account: acct,
+                policy,
+            })
+        };
+        match op {
+            "PutRegistryPolicy" => {
+                let text = required(input, "policyText")?;
+                if text.len() > POLICY_CHARS_MAX {
+                    return Err(EcrError::invalid(format!(
+                        "'policyText' is longer than {POLICY_CHARS_MAX} characters"
+                    )));
+                }
+                let doc = PolicyDocument::parse_resource(&text).map_err(|e| {
+                    EcrError::invalid(format!("Invalid registry policy provided: {e}"))
+                })?;
+                let normalized = doc.to_json();
+                self.propose(set(Some(normalized.clone())), "").await?;
+                Ok(json!({ "registryId": acct.to_string(), "policyText": normalized }))
+            }
+            "GetRegistryPolicy" | "DeleteRegistryPolicy" => {
+                let Some(p) = current else {
+                    return Err(EcrError::new(
+                        "RegistryPolicyNotFoundException",
+                        format!("Registry policy does not exist in the registry with id '{acct}'"),
+                    ));
+                };
+                if op == "DeleteRegistryPolicy" {
+                    self.propose(set(None), "").await?;
+                }
+                Ok(json!({ "registryId": acct.to_string(), "policyText": p }))
+            }
+            _ => Err(EcrError::invalid("unknown registry policy operation")),
+        }
+    }
+
     fn describe_registry(&self, c: &Caller) -> Result<Value, EcrError> {
         let acct = AccountId::parse(&c.account)
             .map_err(|_| EcrError::server("caller account is malformed"))?;
@@ -853,6 +1036,12 @@ impl<P: Platform> Ecr for NodeEcr<P> {
             }
             "GetAuthorizationToken" => self.authorization_token(caller),
             "DescribeRegistry" => self.describe_registry(caller),
+            "PutRegistryPolicy" | "GetRegistryPolicy" | "DeleteRegistryPolicy" => {
+                self.registry_policy(caller, op, &input).await
+            }
+            admin if admin.starts_with("admin:") => {
+                self.iam_op(caller, &admin["admin:".len()..], &input).await
+            }
             other => Err(EcrError::new(
                 "UnknownOperationException",
                 format!("operation {other} is not supported"),

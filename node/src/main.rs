@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use portolan_node::cluster::certs;
 use portolan_node::config::{Config, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_REGION};
@@ -34,6 +34,15 @@ enum Cmd {
     /// Certificates and membership of a region.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Accounts (system administrator only).
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Users of an account and their identity policies (the account's root key).
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Access keys (the account's root key).
+    #[command(subcommand)]
+    Key(KeyCmd),
     /// Start N regions of M nodes on loopback, write DIR/cluster.json, stop all on Ctrl-C.
     DevCluster {
         #[arg(long, default_value_t = 1)]
@@ -46,6 +55,93 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         base_port: u16,
     },
+}
+
+/// Where and as whom administration commands run. Credentials come from
+/// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, as for the AWS CLI.
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// Any node of the region, http://host:port.
+    #[arg(long, default_value = "http://127.0.0.1:5000")]
+    endpoint: String,
+    /// The account acted on [default: the caller's].
+    #[arg(long)]
+    account_id: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum AccountCmd {
+    /// Create an account (12-digit id).
+    Create {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    Create {
+        #[command(flatten)]
+        target: AdminTarget,
+        #[arg(long)]
+        user: String,
+    },
+    /// Replace a user's identity policies with the JSON documents in FILEs.
+    PutPolicy {
+        #[command(flatten)]
+        target: AdminTarget,
+        #[arg(long)]
+        user: String,
+        #[arg(long = "policy-file", required = true)]
+        policy_files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Create an access key for a user (or, without --user, a root key of the account); the
+    /// secret is printed once.
+    Create {
+        #[command(flatten)]
+        target: AdminTarget,
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Revoke an access key (its registry tokens stop working at once).
+    Revoke {
+        #[command(flatten)]
+        target: AdminTarget,
+        #[arg(long)]
+        key_id: String,
+    },
+}
+
+/// Runs one administration call and prints its JSON answer.
+fn admin_call(target: &AdminTarget, op: &str, mut body: serde_json::Value) -> Result<()> {
+    let key_id = std::env::var("AWS_ACCESS_KEY_ID")
+        .context("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to an administrator key")?;
+    let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
+        .context("set AWS_SECRET_ACCESS_KEY to the administrator key's secret")?;
+    if let Some(a) = &target.account_id {
+        body["accountId"] = serde_json::json!(a);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start runtime")?;
+    let (status, text) = rt.block_on(admin_client::signed_call(
+        &target.endpoint,
+        &format!("{}{op}", registry_api::ecr::ADMIN_TARGET_PREFIX),
+        &body.to_string(),
+        &key_id,
+        &secret,
+    ))?;
+    if status != 200 {
+        bail!("{op} failed ({status}): {text}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).context("answer is not JSON")?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -145,6 +241,44 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Cluster(c) => cluster(c),
+        Cmd::Account(AccountCmd::Create { target }) => {
+            if target.account_id.is_none() {
+                bail!("--account-id is required");
+            }
+            admin_call(&target, "CreateAccount", serde_json::json!({}))
+        }
+        Cmd::User(UserCmd::Create { target, user }) => admin_call(
+            &target,
+            "CreateUser",
+            serde_json::json!({ "userName": user }),
+        ),
+        Cmd::User(UserCmd::PutPolicy {
+            target,
+            user,
+            policy_files,
+        }) => {
+            let mut docs = Vec::new();
+            for f in &policy_files {
+                docs.push(
+                    std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?,
+                );
+            }
+            admin_call(
+                &target,
+                "PutUserPolicy",
+                serde_json::json!({ "userName": user, "policyDocuments": docs }),
+            )
+        }
+        Cmd::Key(KeyCmd::Create { target, user }) => admin_call(
+            &target,
+            "CreateAccessKey",
+            serde_json::json!({ "userName": user }),
+        ),
+        Cmd::Key(KeyCmd::Revoke { target, key_id }) => admin_call(
+            &target,
+            "RevokeAccessKey",
+            serde_json::json!({ "accessKeyId": key_id }),
+        ),
         Cmd::DevCluster {
             regions,
             nodes,

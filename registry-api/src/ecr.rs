@@ -18,6 +18,9 @@ use crate::sigv4;
 
 /// Prefix of every ECR target.
 pub const TARGET_PREFIX: &str = "AmazonEC2ContainerRegistry_V20150921.";
+/// Prefix of Portolan's own administration targets (accounts, users, access keys), served
+/// the same way: JSON 1.1, SigV4. The operation reaches `Ecr::call` as `admin:<Op>`.
+pub const ADMIN_TARGET_PREFIX: &str = "PortolanAdmin_20261101.";
 /// Largest request body (PutImage carries a manifest of up to 4 MiB, JSON-escaped).
 pub const BODY_BYTES_MAX: usize = 10 * 1024 * 1024;
 /// Largest clock difference accepted between a request's `X-Amz-Date` and ours (AWS: 15 min).
@@ -118,7 +121,7 @@ pub fn is_ecr_request(req: &Request) -> bool {
             .headers()
             .get("x-amz-target")
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|t| t.starts_with(TARGET_PREFIX))
+            .is_some_and(|t| t.starts_with(TARGET_PREFIX) || t.starts_with(ADMIN_TARGET_PREFIX))
 }
 
 /// Serves one ECR request.
@@ -141,16 +144,26 @@ async fn handle_inner<E: Ecr>(ecr: &E, req: Request) -> Result<serde_json::Value
     if parts.headers.len() > HEADERS_MAX {
         return Err(EcrError::invalid("too many headers"));
     }
-    let op = parts
+    let target = parts
         .headers
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
-        .and_then(|t| t.strip_prefix(TARGET_PREFIX))
-        .filter(|op| {
-            !op.is_empty() && op.len() <= 64 && op.bytes().all(|b| b.is_ascii_alphanumeric())
-        })
-        .ok_or_else(|| EcrError::new("UnknownOperationException", "unknown X-Amz-Target"))?
-        .to_string();
+        .unwrap_or("");
+    let (admin, name) = match target.strip_prefix(TARGET_PREFIX) {
+        Some(op) => (false, op),
+        None => (true, target.strip_prefix(ADMIN_TARGET_PREFIX).unwrap_or("")),
+    };
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(EcrError::new(
+            "UnknownOperationException",
+            "unknown X-Amz-Target",
+        ));
+    }
+    let op = if admin {
+        format!("admin:{name}")
+    } else {
+        name.to_string()
+    };
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
