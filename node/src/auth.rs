@@ -151,9 +151,13 @@ pub struct TokenClaims {
     /// 12-digit account id.
     pub account: String,
     pub user: Option<String>,
-    /// The access key the token was issued for (revoking the key revokes its tokens).
+    /// The access key the token was issued for (revoking the key revokes its tokens); empty
+    /// for an anonymous token.
     pub key_id: String,
     pub exp_ms: u64,
+    /// A bearer token's scopes; `None` for the password `GetAuthorizationToken` hands out.
+    #[serde(default)]
+    pub scopes: Option<Vec<registry_api::gate::Scope>>,
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -212,6 +216,7 @@ mod tests {
             user: Some("alice".into()),
             key_id: "AKPTAAAAAAAAAAAAAAAA".into(),
             exp_ms: 1_000,
+            scopes: None,
         };
         let t = k.issue_token(&claims);
         assert_eq!(k.verify_token(&t, 999).unwrap(), claims);

@@ -15,6 +15,7 @@ use engine::policy::{self, PolicyDocument, Principal, RequestContext};
 use engine::state::{Command, Outcome, State};
 use engine::{AccountId, Digest, Reference, RepoName, Tag};
 use registry_api::ecr::{Caller, Ecr, EcrError, KeyInfo};
+use registry_api::gate::{Gate, Identity, Scope};
 use registry_api::{ApiError, Registry};
 use serde_json::{json, Value};
 
@@ -32,8 +33,10 @@ const RESOURCE_TAGS_MAX: usize = engine::iam::RESOURCE_TAGS_MAX;
 /// Repository policy text (ECR: 10 240 characters).
 const POLICY_CHARS_MAX: usize = 10_240;
 
-/// The ECR API of one node.
+/// The ECR API of one node, and the gate of its OCI routes.
 pub struct NodeEcr<P: Platform> {
+    /// Requests without credentials get full access (loopback, no configured admin key).
+    pub open: bool,
     pub registry: Arc<NodeRegistry<P>>,
     pub key: ClusterKey,
     /// The region name used in ARNs.
@@ -164,23 +167,20 @@ impl<P: Platform> NodeEcr<P> {
         format!("arn:aws:ecr:{}:{acct}:repository/{repo}", self.region)
     }
 
-    /// Whether `caller` may do `action` on `resource` (a repository ARN, or the registry).
-    fn authorize(
+    /// Whether `principal` may do `action` on `repo` (or the registry) of `acct`: the one
+    /// evaluator, with the principal's identity policies and the repository's and registry's
+    /// resource policies.
+    fn allowed_for(
         &self,
-        caller: &Caller,
+        principal: &Principal,
         action: &str,
         acct: AccountId,
         repo: Option<&RepoName>,
-    ) -> Result<(), EcrError> {
-        let principal = Principal {
-            account: caller.account.clone(),
-            user: caller.user.clone(),
-        };
+    ) -> Result<bool, EcrError> {
         let iam = self.iam();
         let mut identity = Vec::new();
-        if let Some(u) = &caller.user {
-            let caller_acct = AccountId::parse(&caller.account)
-                .map_err(|_| EcrError::server("caller account is malformed"))?;
+        if let (Some(u), Ok(caller_acct)) = (&principal.user, AccountId::parse(&principal.account))
+        {
             let rec = iam.user(caller_acct, u).map_err(state_err)?;
             for text in rec.map(|r| r.policies).unwrap_or_default() {
                 if let Ok(p) = PolicyDocument::parse_identity(&text) {
@@ -210,25 +210,44 @@ impl<P: Platform> NodeEcr<P> {
             None => format!("arn:aws:ecr:{}:{acct}:repository/*", self.region),
         };
         let context = BTreeMap::new();
+        let account = acct.to_string();
         let req = RequestContext {
-            principal: &principal,
+            principal,
             action,
             resource: &resource,
-            resource_account: &acct.to_string(),
+            resource_account: &account,
             context: &context,
         };
-        if policy::is_allowed(&identity, &resource_policies, &req) {
-            Ok(())
-        } else {
-            let who = principal.arn();
-            Err(EcrError {
-                code: "AccessDeniedException",
-                message: format!(
-                    "User: {who} is not authorized to perform: {action} on resource: {resource}"
-                ),
-                status: axum::http::StatusCode::BAD_REQUEST,
-            })
+        Ok(policy::is_allowed(&identity, &resource_policies, &req))
+    }
+
+    /// Whether `caller` may do `action` on `resource` (a repository ARN, or the registry).
+    fn authorize(
+        &self,
+        caller: &Caller,
+        action: &str,
+        acct: AccountId,
+        repo: Option<&RepoName>,
+    ) -> Result<(), EcrError> {
+        let principal = Principal {
+            account: caller.account.clone(),
+            user: caller.user.clone(),
+        };
+        if self.allowed_for(&principal, action, acct, repo)? {
+            return Ok(());
         }
+        let resource = match repo {
+            Some(r) => self.arn(acct, r.as_str()),
+            None => format!("arn:aws:ecr:{}:{acct}:repository/*", self.region),
+        };
+        Err(EcrError {
+            code: "AccessDeniedException",
+            message: format!(
+                "User: {} is not authorized to perform: {action} on resource: {resource}",
+                principal.arn()
+            ),
+            status: axum::http::StatusCode::BAD_REQUEST,
+        })
     }
 
     async fn propose(&self, cmd: Command, repo: &str) -> Result<(), EcrError> {
@@ -750,6 +769,7 @@ impl<P: Platform> NodeEcr<P> {
             user: c.user.clone(),
             key_id: c.key_id.clone(),
             exp_ms,
+            scopes: None,
         });
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("AWS:{token}"));
         Ok(json!({ "authorizationData": [{
@@ -1047,5 +1067,111 @@ impl<P: Platform> Ecr for NodeEcr<P> {
                 format!("operation {other} is not supported"),
             )),
         }
+    }
+}
+
+impl<P: Platform> NodeEcr<P> {
+    /// Checks a registry token and that its access key still exists and is not revoked.
+    fn identity_from_token(&self, token: &str) -> Result<Identity, ApiError> {
+        let claims = self
+            .key
+            .verify_token(token, self.registry.now_ms())
+            .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+        if claims.key_id.is_empty() {
+            return Ok(Identity {
+                scopes: claims.scopes,
+                ..Identity::default()
+            });
+        }
+        let rec = self
+            .iam()
+            .access_key(&claims.key_id)
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .filter(|r| r.revoked_ms.is_none())
+            .ok_or_else(|| ApiError::Unauthorized("the token's access key is revoked".into()))?;
+        if rec.account.to_string() != claims.account || rec.user != claims.user {
+            return Err(ApiError::Unauthorized(
+                "the token does not match its key".into(),
+            ));
+        }
+        Ok(Identity {
+            account: Some(claims.account),
+            user: claims.user,
+            key_id: Some(claims.key_id),
+            scopes: claims.scopes,
+            open: false,
+        })
+    }
+}
+
+impl<P: Platform> Gate for NodeEcr<P> {
+    fn open(&self) -> bool {
+        self.open
+    }
+
+    fn authenticate(&self, authorization: &str) -> Result<Identity, ApiError> {
+        use base64::Engine as _;
+        let (scheme, value) = authorization
+            .split_once(' ')
+            .ok_or_else(|| ApiError::Unauthorized("malformed Authorization".into()))?;
+        match scheme.to_ascii_lowercase().as_str() {
+            "basic" => {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(value.trim())
+                    .map_err(|_| ApiError::Unauthorized("malformed Basic credentials".into()))?;
+                let text = String::from_utf8(raw)
+                    .map_err(|_| ApiError::Unauthorized("malformed Basic credentials".into()))?;
+                let (_, password) = text
+                    .split_once(':')
+                    .ok_or_else(|| ApiError::Unauthorized("malformed Basic credentials".into()))?;
+                let id = self.identity_from_token(password)?;
+                if id.scopes.is_some() {
+                    // A scoped bearer token is not a password.
+                    return Err(ApiError::Unauthorized("not a registry password".into()));
+                }
+                Ok(id)
+            }
+            "bearer" => self.identity_from_token(value.trim()),
+            _ => Err(ApiError::Unauthorized(
+                "unsupported authorization scheme".into(),
+            )),
+        }
+    }
+
+    fn allowed(
+        &self,
+        id: &Identity,
+        action: &str,
+        account: AccountId,
+        repo: Option<&RepoName>,
+    ) -> bool {
+        if id.open {
+            return true;
+        }
+        if let Some(scopes) = &id.scopes {
+            let covered = repo.is_some_and(|r| scopes.iter().any(|s| s.covers(r.as_str(), action)));
+            if !covered {
+                return false;
+            }
+        }
+        let principal = match (&id.account, &id.user) {
+            (Some(a), Some(u)) => Principal::user(a, u),
+            (Some(a), None) => Principal::root(a),
+            (None, _) => Principal::anonymous(),
+        };
+        self.allowed_for(&principal, action, account, repo)
+            .unwrap_or(false)
+    }
+
+    fn issue_bearer(&self, id: &Identity, scopes: Vec<Scope>) -> Result<(String, u64), ApiError> {
+        let lifetime = TOKEN_LIFETIME_MS;
+        let token = self.key.issue_token(&TokenClaims {
+            account: id.account.clone().unwrap_or_default(),
+            user: id.user.clone(),
+            key_id: id.key_id.clone().unwrap_or_default(),
+            exp_ms: self.registry.now_ms() + lifetime,
+            scopes: Some(scopes),
+        });
+        Ok((token, lifetime / 1000))
     }
 }

@@ -234,7 +234,17 @@ impl Node {
         if config.cluster.bootstrap {
             bootstrap_admin(&registry, &cluster_key).await?;
         }
+        // The bare loopback default stays open for a first try; a configured administrator
+        // key or a non-loopback listener closes it.
+        let admin_configured = std::env::var_os(ADMIN_KEY_ID_ENV).is_some();
+        let open = http_addr.ip().is_loopback() && !admin_configured;
+        if open {
+            tracing::warn!(
+                "the OCI routes are open to anyone on this loopback address (no {ADMIN_KEY_ID_ENV} configured); the ECR API always requires a signed request"
+            );
+        }
         let ecr = Arc::new(crate::ecr::NodeEcr {
+            open,
             registry: registry.clone(),
             key: cluster_key,
             region: config.node.region.clone(),
@@ -277,9 +287,10 @@ impl Node {
                 axum::routing::delete(remove_member),
             )
             .with_state(Arc::new(status_state));
-        let oci = admin.merge(registry_api::router(
+        let oci = admin.merge(registry_api::router_with_gate(
             self.registry.clone(),
             self.metrics.clone(),
+            Some(self.ecr.clone() as Arc<dyn registry_api::gate::Gate>),
         ));
         registry_api::ecr::with_ecr(oci, self.ecr.clone())
     }

@@ -28,10 +28,9 @@ const QUERY_VALUE_BYTES_MAX: usize = 512;
 pub(crate) async fn handle<R: Registry>(
     st: &ApiState<R>,
     route: Route,
+    account: AccountId,
     req: Request,
 ) -> Result<Response, ApiError> {
-    // Until accounts and authentication arrive, every request acts on the default account.
-    let account = AccountId::DEFAULT;
     let (parts, body) = req.into_parts();
     let method = parts.method.clone();
     let p = &parts;

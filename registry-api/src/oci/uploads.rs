@@ -74,7 +74,13 @@ pub(super) async fn start<R: Registry>(
         let digest = Digest::parse(mount).map_err(|e| ApiError::DigestInvalid(e.to_string()))?;
         // OCI: without `from` the registry may mount from anywhere it can see; this one
         // answers with a session (the 202 fallback) instead of guessing.
-        if let Some(from) = param(&q, "from") {
+        // A source the caller may not read is treated like an absent one: a session, with
+        // nothing revealed about the source.
+        let readable = parts
+            .extensions
+            .get::<crate::MountFromReadable>()
+            .is_none_or(|r| r.0);
+        if let Some(from) = param(&q, "from").filter(|_| readable) {
             let from = RepoName::parse(from).map_err(ApiError::NameInvalid)?;
             if st
                 .registry
