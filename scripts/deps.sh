@@ -4,14 +4,16 @@
 #   scripts/deps.sh build   libclang (RocksDB's bindings are generated with it)
 #   scripts/deps.sh test    the above, plus the real clients and peers the tests drive:
 #                           skopeo, Debian's docker.io engine, the reference registry
-#                           (docker-registry), procps, and cargo-nextest
+#                           (docker-registry), procps, cargo-nextest, and the AWS CLI and
+#                           boto3 (in a virtualenv at $PORTOLAN_TOOLS, default
+#                           ~/.cache/portolan-tools, when `aws`/boto3 are not already there)
 set -eu
 
 want=${1:-build}
 pkgs=(libclang-dev clang)
 if [ "$want" = test ]; then
     # procps: `kill` and `pgrep`, which the tests and scripts/docker-engine.sh use.
-    pkgs+=(skopeo docker.io docker-registry procps)
+    pkgs+=(skopeo docker.io docker-registry procps python3-venv)
 fi
 
 as_root() {
@@ -39,4 +41,14 @@ fi
 if [ "$want" = test ] && ! cargo nextest --version >/dev/null 2>&1; then
     echo "deps.sh: installing cargo-nextest"
     cargo install cargo-nextest --locked
+fi
+
+if [ "$want" = test ]; then
+    tools=${PORTOLAN_TOOLS:-$HOME/.cache/portolan-tools}
+    if ! { command -v aws >/dev/null 2>&1 && python3 -c 'import boto3' >/dev/null 2>&1; } \
+        && ! [ -x "$tools/bin/aws" ]; then
+        echo "deps.sh: installing the AWS CLI and boto3 into $tools"
+        python3 -m venv "$tools"
+        "$tools/bin/pip" install -q awscli boto3
+    fi
 fi
