@@ -9,6 +9,7 @@
 //! iam   'k' access-key-id                    AccessKeyRecord
 //! iam   'p' acct                             registry policy (normalized JSON text)
 //! iam   'r' acct repo                        RepoSettings
+//! iam   'c' acct                             replication configuration (normalized JSON)
 //! ```
 //! Owns: the `IamCommand` set and its deterministic application, the reads over it.
 //! Never: sees a secret in clear (secrets arrive sealed by the node), parses policies (the
@@ -132,6 +133,12 @@ pub enum IamCommand {
         repo: RepoName,
         force: bool,
     },
+    /// The account's replication configuration (validated by the proposer; the
+    /// geo-replication workers act on it).
+    ReplicationConfigSet {
+        account: AccountId,
+        config: String,
+    },
 }
 
 /// Why an IAM command was refused (part of the replicated history, like every outcome).
@@ -175,6 +182,12 @@ fn access_key_key(id: &str) -> Vec<u8> {
 
 fn registry_policy_key(acct: AccountId) -> Vec<u8> {
     let mut k = vec![b'p'];
+    k.extend_from_slice(&acct.as_u64().to_be_bytes());
+    k
+}
+
+fn replication_key(acct: AccountId) -> Vec<u8> {
+    let mut k = vec![b'c'];
     k.extend_from_slice(&acct.as_u64().to_be_bytes());
     k
 }
@@ -231,6 +244,11 @@ impl<'a, S: KvStore + ?Sized> Iam<'a, S> {
 
     pub fn registry_policy(&self, acct: AccountId) -> Result<Option<String>, StateError> {
         get(self.kv, &registry_policy_key(acct), "registry policy")
+    }
+
+    /// The account's replication configuration (normalized JSON), if set.
+    pub fn replication_config(&self, acct: AccountId) -> Result<Option<String>, StateError> {
+        get(self.kv, &replication_key(acct), "replication configuration")
     }
 
     pub fn repo_settings(
@@ -411,6 +429,9 @@ impl<'a, S: KvStore + ?Sized> Iam<'a, S> {
                 repo,
                 force,
             } => return self.delete_repository(*account, repo, *force, batch),
+            IamCommand::ReplicationConfigSet { account, config } => {
+                batch.put(Cf::Iam, replication_key(*account), keys::encode(config));
+            }
         }
         Ok(Ok(()))
     }

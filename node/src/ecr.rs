@@ -966,8 +966,185 @@ impl<P: Platform> NodeEcr<P> {
         let acct = AccountId::parse(&c.account)
             .map_err(|_| EcrError::server("caller account is malformed"))?;
         self.authorize(c, "ecr:DescribeRegistry", acct, None)?;
-        Ok(json!({ "registryId": acct.to_string(), "replicationConfiguration": { "rules": [] } }))
+        let config = match self.iam().replication_config(acct).map_err(state_err)? {
+            Some(text) => serde_json::from_str(&text)
+                .map_err(|e| EcrError::server(format!("stored replication configuration: {e}")))?,
+            None => json!({ "rules": [] }),
+        };
+        Ok(json!({ "registryId": acct.to_string(), "replicationConfiguration": config }))
     }
+
+    async fn put_replication_configuration(
+        &self,
+        c: &Caller,
+        input: &Value,
+    ) -> Result<Value, EcrError> {
+        let acct = AccountId::parse(&c.account)
+            .map_err(|_| EcrError::server("caller account is malformed"))?;
+        self.authorize(c, "ecr:PutReplicationConfiguration", acct, None)?;
+        let config = field(input, "replicationConfiguration")
+            .ok_or_else(|| EcrError::invalid("'replicationConfiguration' is required"))?;
+        let normalized = replication_config(config)?;
+        self.propose(
+            Command::Iam(IamCommand::ReplicationConfigSet {
+                account: acct,
+                config: normalized.to_string(),
+            }),
+            "",
+        )
+        .await?;
+        Ok(json!({ "replicationConfiguration": normalized }))
+    }
+
+    /// The repository a resource ARN names.
+    fn repo_from_arn(&self, arn: &str) -> Result<(AccountId, String, RepoName), EcrError> {
+        let invalid = || {
+            EcrError::invalid(format!(
+                "Invalid parameter at 'resourceArn': {arn:?} is not a repository ARN"
+            ))
+        };
+        let rest = arn.strip_prefix("arn:aws:ecr:").ok_or_else(invalid)?;
+        let mut parts = rest.splitn(3, ':');
+        let (_region, acct, res) = (
+            parts.next().ok_or_else(invalid)?,
+            parts.next().ok_or_else(invalid)?,
+            parts.next().ok_or_else(invalid)?,
+        );
+        let acct = AccountId::parse(acct).map_err(|_| invalid())?;
+        let name = res.strip_prefix("repository/").ok_or_else(invalid)?;
+        let repo = RepoName::parse(name).map_err(|_| invalid())?;
+        Ok((acct, name.to_string(), repo))
+    }
+
+    async fn resource_tags_op(
+        &self,
+        c: &Caller,
+        op: &str,
+        input: &Value,
+    ) -> Result<Value, EcrError> {
+        let arn = required(input, "resourceArn")?;
+        let (acct, name, repo) = self.repo_from_arn(&arn)?;
+        self.authorize(c, &format!("ecr:{op}"), acct, Some(&repo))?;
+        let mut s = self.existing(acct, &name, &repo)?;
+        match op {
+            "ListTagsForResource" => {
+                let tags: Vec<Value> = s
+                    .tags
+                    .iter()
+                    .map(|(k, v)| json!({ "Key": k, "Value": v }))
+                    .collect();
+                Ok(json!({ "tags": tags }))
+            }
+            "TagResource" => {
+                let add = resource_tags(field(input, "tags"))?;
+                s.tags.extend(add);
+                if s.tags.len() > RESOURCE_TAGS_MAX {
+                    return Err(EcrError::new(
+                        "TooManyTagsException",
+                        format!("a repository holds at most {RESOURCE_TAGS_MAX} tags"),
+                    ));
+                }
+                self.set_settings(acct, &name, &repo, s).await?;
+                Ok(json!({}))
+            }
+            _ => {
+                let keys = field(input, "tagKeys")
+                    .and_then(Value::as_array)
+                    .filter(|a| a.len() <= RESOURCE_TAGS_MAX)
+                    .ok_or_else(|| {
+                        EcrError::invalid(format!(
+                            "'tagKeys' must list at most {RESOURCE_TAGS_MAX} keys"
+                        ))
+                    })?;
+                for k in keys {
+                    if let Some(k) = k.as_str() {
+                        s.tags.remove(k);
+                    }
+                }
+                self.set_settings(acct, &name, &repo, s).await?;
+                Ok(json!({}))
+            }
+        }
+    }
+}
+
+/// Validates a replication configuration as ECR does and returns it normalized: at most 10
+/// rules, each with 1–25 destinations (`region`, 12-digit `registryId`) and at most 100
+/// `PREFIX_MATCH` repository filters.
+fn replication_config(v: &Value) -> Result<Value, EcrError> {
+    let rules = v
+        .get("rules")
+        .and_then(Value::as_array)
+        .filter(|r| r.len() <= 10)
+        .ok_or_else(|| EcrError::invalid("'rules' must list at most 10 rules"))?;
+    let mut out = Vec::new();
+    for rule in rules {
+        let dests = rule
+            .get("destinations")
+            .and_then(Value::as_array)
+            .filter(|d| !d.is_empty() && d.len() <= 25)
+            .ok_or_else(|| EcrError::invalid("a rule needs 1 to 25 'destinations'"))?;
+        let mut ds = Vec::new();
+        for d in dests {
+            let region = d.get("region").and_then(Value::as_str).unwrap_or_default();
+            let registry = d
+                .get("registryId")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if region.is_empty()
+                || region.len() > 25
+                || !region
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(EcrError::invalid(format!(
+                    "destination region {region:?} is invalid"
+                )));
+            }
+            AccountId::parse(registry).map_err(|_| {
+                EcrError::invalid(format!(
+                    "destination registryId {registry:?} must be 12 digits"
+                ))
+            })?;
+            ds.push(json!({ "region": region, "registryId": registry }));
+        }
+        let mut fs = Vec::new();
+        if let Some(filters) = rule.get("repositoryFilters") {
+            let filters = filters
+                .as_array()
+                .filter(|f| f.len() <= 100)
+                .ok_or_else(|| {
+                    EcrError::invalid("'repositoryFilters' must list at most 100 filters")
+                })?;
+            for f in filters {
+                let pattern = f.get("filter").and_then(Value::as_str).unwrap_or_default();
+                let kind = f
+                    .get("filterType")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                if kind != "PREFIX_MATCH" {
+                    return Err(EcrError::invalid("'filterType' must be PREFIX_MATCH"));
+                }
+                if pattern.is_empty()
+                    || pattern.len() > 256
+                    || !pattern.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"._/-".contains(&b)
+                    })
+                {
+                    return Err(EcrError::invalid(format!(
+                        "repository filter {pattern:?} is invalid"
+                    )));
+                }
+                fs.push(json!({ "filter": pattern, "filterType": kind }));
+            }
+        }
+        let mut r = json!({ "destinations": ds });
+        if !fs.is_empty() {
+            r["repositoryFilters"] = json!(fs);
+        }
+        out.push(r);
+    }
+    Ok(json!({ "rules": out }))
 }
 
 /// An ECR image id as asked: digest and/or tag.
@@ -1056,6 +1233,12 @@ impl<P: Platform> Ecr for NodeEcr<P> {
             }
             "GetAuthorizationToken" => self.authorization_token(caller),
             "DescribeRegistry" => self.describe_registry(caller),
+            "PutReplicationConfiguration" => {
+                self.put_replication_configuration(caller, &input).await
+            }
+            "TagResource" | "UntagResource" | "ListTagsForResource" => {
+                self.resource_tags_op(caller, op, &input).await
+            }
             "PutRegistryPolicy" | "GetRegistryPolicy" | "DeleteRegistryPolicy" => {
                 self.registry_policy(caller, op, &input).await
             }
