@@ -42,6 +42,8 @@ pub struct Server {
     listen: String,
     /// Extra `serve` arguments, kept for `restart`.
     extra: Vec<String>,
+    /// Extra environment of the server process, kept for `restart`.
+    envs: Vec<(String, String)>,
 }
 
 impl Server {
@@ -58,6 +60,17 @@ impl Server {
 
     /// As `start_on`, with extra `portolan serve` arguments (node id, QUIC, certificates).
     pub fn start_with(data_dir: &Path, listen: &str, extra: &[String]) -> Result<Server> {
+        Self::start_with_env(data_dir, listen, extra, &[])
+    }
+
+    /// As `start_with`, with extra environment for the server process (e.g. the bootstrap
+    /// administrator key); the environment is kept for `restart`.
+    pub fn start_with_env(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[String],
+        envs: &[(String, String)],
+    ) -> Result<Server> {
         if std::env::var("REGISTRY_UNDER_TEST").as_deref() == Ok("distribution") {
             return Self::start_reference(data_dir, listen);
         }
@@ -75,6 +88,7 @@ impl Server {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -114,6 +128,7 @@ impl Server {
             url,
             host,
             extra: extra.to_vec(),
+            envs: envs.to_vec(),
         })
     }
 
@@ -161,6 +176,7 @@ impl Server {
             url: format!("http://{addr}"),
             host: addr,
             extra: Vec::new(),
+            envs: Vec::new(),
         })
     }
 
@@ -196,7 +212,7 @@ impl Server {
     /// Starts the server again on the same data dir and the same address.
     pub fn restart(&mut self) -> Result<()> {
         self.kill9();
-        let again = Server::start_with(&self.data_dir, &self.listen, &self.extra)?;
+        let again = Server::start_with_env(&self.data_dir, &self.listen, &self.extra, &self.envs)?;
         *self = again;
         Ok(())
     }
@@ -222,11 +238,25 @@ pub struct OciClient {
 
 impl OciClient {
     pub fn new(base: &str) -> OciClient {
+        Self::with_headers(base, &[])
+    }
+
+    /// A client sending `headers` (e.g. `Authorization`, or a `Host` naming a tenant) with
+    /// every request.
+    pub fn with_headers(base: &str, headers: &[(&str, &str)]) -> OciClient {
+        let mut map = reqwest::header::HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                reqwest::header::HeaderValue::from_str(value).expect("header value"),
+            );
+        }
         OciClient {
             base: base.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
                 .redirect(reqwest::redirect::Policy::none())
+                .default_headers(map)
                 .build()
                 .expect("build http client"),
         }
@@ -401,4 +431,214 @@ pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Base64 (standard and URL-safe), for credentials and tokens
+// ---------------------------------------------------------------------------------------------
+
+const B64_STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const B64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+fn b64_encode(bytes: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
+        let chars = chunk.len() + 1;
+        for i in 0..4 {
+            if i < chars {
+                out.push(alphabet[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else if pad {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn b64_decode(text: &str, alphabet: &[u8; 64]) -> Result<Vec<u8>> {
+    let text = text.trim_end_matches('=');
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in text.bytes() {
+        let v = alphabet
+            .iter()
+            .position(|&a| a == c)
+            .with_context(|| format!("{:?} is not a base64 character", c as char))?;
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Standard base64 with padding (HTTP Basic, ECR authorization tokens).
+pub fn base64_encode(bytes: &[u8]) -> String {
+    b64_encode(bytes, B64_STD, true)
+}
+
+/// Decodes standard base64 (padding optional).
+pub fn base64_decode(text: &str) -> Result<Vec<u8>> {
+    b64_decode(text, B64_STD)
+}
+
+/// URL-safe base64 without padding (registry token parts).
+pub fn base64url_encode(bytes: &[u8]) -> String {
+    b64_encode(bytes, B64_URL, false)
+}
+
+/// Decodes URL-safe base64 (padding optional).
+pub fn base64url_decode(text: &str) -> Result<Vec<u8>> {
+    b64_decode(text, B64_URL)
+}
+
+// ---------------------------------------------------------------------------------------------
+// External commands with a time limit
+// ---------------------------------------------------------------------------------------------
+
+/// What a finished command printed, and how it exited.
+pub struct CmdOutput {
+    pub status: std::process::ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl CmdOutput {
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+
+    /// Both streams, trimmed, for error messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}; stdout: {}; stderr: {}",
+            self.status,
+            text_tail(&self.stdout_text(), 2000),
+            text_tail(&self.stderr_text(), 2000)
+        )
+    }
+}
+
+/// The last `max` bytes (at a char boundary) of a text, trimmed.
+pub fn text_tail(text: &str, max: usize) -> &str {
+    let text = text.trim();
+    if text.len() <= max {
+        return text;
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// Reads a pipe to its end on a thread; the bytes arrive on the returned channel.
+fn drain_pipe(mut pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        let _ = tx.send(buf);
+    });
+    rx
+}
+
+/// Runs a command to completion with `input` on its stdin (none: /dev/null), killing it after
+/// `timeout`. Fails only if it cannot be started or runs out of time; the exit status is the
+/// caller's to judge.
+pub fn run_command(
+    cmd: &mut Command,
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<CmdOutput> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {what}"))?;
+    if let Some(input) = input {
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let input = input.to_vec();
+        // A thread, so a child that does not read cannot block us past the deadline.
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            let _ = stdin.write_all(&input);
+        });
+    }
+    let stdout = drain_pipe(child.stdout.take().expect("stdout is piped"));
+    let stderr = drain_pipe(child.stderr.take().expect("stderr is piped"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = stderr
+                .recv_timeout(Duration::from_secs(5))
+                .unwrap_or_default();
+            bail!(
+                "{what} did not finish within {timeout:?}; stderr: {}",
+                text_tail(&String::from_utf8_lossy(&err), 2000)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // A daemon started by the command could hold the pipes open; do not wait for it forever.
+    let stdout = stdout
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_default();
+    let stderr = stderr
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_default();
+    Ok(CmdOutput {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+/// The first executable called `name` on `PATH`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// A required tool is unavailable: under CI that is a failure, elsewhere a loud skip.
+/// Returns Ok(()) when the caller should return early (skip).
+pub fn tool_unavailable(what: &str, reason: &str) -> Result<()> {
+    use std::io::Write as _;
+    if std::env::var_os("CI").is_some() {
+        bail!("{what} unavailable (CI is set, so this is a failure, not a skip): {reason}");
+    }
+    // Straight to the process's stderr: libtest's capture of eprintln! would hide it.
+    let bar = "!".repeat(78);
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n{bar}\n!!!\n!!! SKIPPED: {what} unavailable: {reason}\n!!! (set CI=1 to make this a failure)\n!!!\n{bar}\n"
+    );
+    Ok(())
 }
