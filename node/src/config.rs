@@ -56,7 +56,18 @@ pub struct Config {
     pub http: HttpSection,
     pub raft: RaftSection,
     pub cluster: ClusterSection,
+    pub auth: AuthSection,
     pub limits: Limits,
+}
+
+/// The bootstrap administrator (root key of the default account), for automation. The
+/// environment (`PORTOLAN_ADMIN_ACCESS_KEY_ID`, `PORTOLAN_ADMIN_SECRET_ACCESS_KEY`) wins over
+/// the file. Unset: a key is generated on first start and printed once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    pub admin_access_key_id: String,
+    pub admin_secret_access_key: String,
 }
 
 /// Peer traffic. Empty `quic_listen`: a single node with no peers (the embedded default).

@@ -69,10 +69,40 @@ pub struct Node {
 pub const ADMIN_KEY_ID_ENV: &str = "PORTOLAN_ADMIN_ACCESS_KEY_ID";
 pub const ADMIN_SECRET_ENV: &str = "PORTOLAN_ADMIN_SECRET_ACCESS_KEY";
 
+/// The administrator key from the environment, else from the `[auth]` section; checked.
+fn configured_admin_key(config: &Config) -> Result<Option<(String, String)>> {
+    let (id, secret) = match (
+        std::env::var(ADMIN_KEY_ID_ENV),
+        std::env::var(ADMIN_SECRET_ENV),
+    ) {
+        (Ok(id), Ok(secret)) => (id, secret),
+        (Ok(_), Err(_)) | (Err(_), Ok(_)) => {
+            anyhow::bail!("set both {ADMIN_KEY_ID_ENV} and {ADMIN_SECRET_ENV}, or neither")
+        }
+        _ => (
+            config.auth.admin_access_key_id.clone(),
+            config.auth.admin_secret_access_key.clone(),
+        ),
+    };
+    if id.is_empty() && secret.is_empty() {
+        return Ok(None);
+    }
+    if !engine::iam::valid_access_key_id(&id) || !(16..=128).contains(&secret.len()) {
+        anyhow::bail!(
+            "the administrator key id must be 16-128 of [A-Z0-9] and its secret 16-128 characters ({ADMIN_KEY_ID_ENV}/{ADMIN_SECRET_ENV} or [auth] admin_access_key_id/admin_secret_access_key)"
+        );
+    }
+    Ok(Some((id, secret)))
+}
+
 /// On the node that bootstraps a region: creates the default account and its root access key
 /// on first start — from `PORTOLAN_ADMIN_ACCESS_KEY_ID`/`PORTOLAN_ADMIN_SECRET_ACCESS_KEY` when
 /// set, else generated and printed once.
-async fn bootstrap_admin(registry: &NodeRegistry, key: &crate::auth::ClusterKey) -> Result<()> {
+async fn bootstrap_admin(
+    registry: &NodeRegistry,
+    key: &crate::auth::ClusterKey,
+    configured: Option<(String, String)>,
+) -> Result<()> {
     use engine::iam::{Iam, IamCommand};
     use engine::state::{Command, Outcome};
     use engine::AccountId;
@@ -81,20 +111,7 @@ async fn bootstrap_admin(registry: &NodeRegistry, key: &crate::auth::ClusterKey)
         .account(acct)
         .context("read accounts")?
         .is_some();
-    let from_env = match (
-        std::env::var(ADMIN_KEY_ID_ENV),
-        std::env::var(ADMIN_SECRET_ENV),
-    ) {
-        (Ok(id), Ok(secret)) => {
-            if !engine::iam::valid_access_key_id(&id) || secret.len() < 16 || secret.len() > 128 {
-                anyhow::bail!(
-                    "{ADMIN_KEY_ID_ENV} must be 16-128 of [A-Z0-9] and {ADMIN_SECRET_ENV} 16-128 characters"
-                );
-            }
-            Some((id, secret))
-        }
-        _ => None,
-    };
+    let from_env = configured;
     if exists && from_env.is_none() {
         return Ok(());
     }
@@ -231,12 +248,13 @@ impl Node {
         };
         let cluster_key =
             crate::auth::ClusterKey::load_or_create(&key_path).context("load the cluster key")?;
+        let configured_admin = configured_admin_key(&config)?;
         if config.cluster.bootstrap {
-            bootstrap_admin(&registry, &cluster_key).await?;
+            bootstrap_admin(&registry, &cluster_key, configured_admin.clone()).await?;
         }
         // The bare loopback default stays open for a first try; a configured administrator
         // key or a non-loopback listener closes it.
-        let admin_configured = std::env::var_os(ADMIN_KEY_ID_ENV).is_some();
+        let admin_configured = configured_admin.is_some();
         let open = http_addr.ip().is_loopback() && !admin_configured;
         if open {
             tracing::warn!(

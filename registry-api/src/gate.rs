@@ -55,7 +55,32 @@ impl Scope {
     }
 }
 
-/// The ECR actions a Docker scope action stands for.
+/// The ECR actions a caller must be allowed for a token to grant Docker scope action `a`
+/// (what pulling or pushing needs; listing and describing come along with a granted pull).
+pub fn scope_required_actions(a: &str) -> &'static [&'static str] {
+    match a {
+        "pull" => &["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
+        "push" => &[
+            "ecr:PutImage",
+            "ecr:InitiateLayerUpload",
+            "ecr:UploadLayerPart",
+            "ecr:CompleteLayerUpload",
+        ],
+        "delete" => &["ecr:BatchDeleteImage"],
+        "*" => &[
+            "ecr:BatchGetImage",
+            "ecr:GetDownloadUrlForLayer",
+            "ecr:PutImage",
+            "ecr:InitiateLayerUpload",
+            "ecr:UploadLayerPart",
+            "ecr:CompleteLayerUpload",
+            "ecr:BatchDeleteImage",
+        ],
+        _ => &[],
+    }
+}
+
+/// The ECR actions a granted Docker scope action covers.
 pub fn scope_actions(a: &str) -> &'static [&'static str] {
     match a {
         "pull" => &[

@@ -224,7 +224,7 @@ fn token(g: &dyn gate::Gate, req: &Request) -> Response {
                 .actions
                 .iter()
                 .filter(|a| {
-                    gate::scope_actions(a)
+                    gate::scope_required_actions(a)
                         .iter()
                         .all(|action| g.allowed(&id, action, account, repo.as_ref()))
                 })

@@ -2811,3 +2811,120 @@ fn base64_helpers_round_trip() -> Result<()> {
     );
     Ok(())
 }
+
+/// The administrator key can come from the config file (`[auth]`), which closes the OCI
+/// routes as the environment does; a repository policy with `"Principal": "*"` makes a
+/// repository public: anonymous pulls work there (directly and with an anonymous bearer
+/// token) and nowhere else, and anonymous pushes stay refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_key_from_config_and_public_repositories() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let config = tmp.path().join("portolan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nadmin_access_key_id = \"{ADMIN_KEY_ID}\"\nadmin_secret_access_key = \"{ADMIN_SECRET}\"\n"
+        ),
+    )?;
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        "127.0.0.1:0",
+        &["--config".to_string(), config.display().to_string()],
+    )?;
+    let aws = AwsCli::new(&server)?;
+    let admin = Creds::admin();
+    let anon = Reg::anonymous(&server);
+    // Closed: the configured key counts as an administrator key.
+    expect(
+        &anon.get("/v2/").await?,
+        401,
+        Some("UNAUTHORIZED"),
+        "anonymous /v2/",
+    )?;
+
+    let password = aws.password(&admin)?;
+    let reg = anon.basic(&password);
+    let img = image(run_seed());
+    for repo in ["team/public", "team/private"] {
+        aws.ok(&admin, &["create-repository", "--repository-name", repo])?;
+        expect(
+            &reg.push_image(repo, "v1", &img).await?,
+            201,
+            None,
+            &format!("admin push to {repo}"),
+        )?;
+    }
+    let public = serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Sid": "public-pull",
+            "Effect": "Allow",
+            "Principal": "*",
+            "Action": ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
+        }],
+    });
+    aws.ok(
+        &admin,
+        &[
+            "set-repository-policy",
+            "--repository-name",
+            "team/public",
+            "--policy-text",
+            &public.to_string(),
+        ],
+    )?;
+
+    // Anonymous pulls of the public repository, directly and through an anonymous token.
+    let r = anon.get_manifest("team/public", "v1").await?;
+    expect(&r, 200, None, "anonymous pull of the public repository")?;
+    ensure!(r.body == img.manifest, "anonymous pull served other bytes");
+    let token = anon.bearer_token(&["repository:team/public:pull"]).await?;
+    expect(
+        &anon
+            .bearer(&token)
+            .get_manifest("team/public", "v1")
+            .await?,
+        200,
+        None,
+        "anonymous bearer pull of the public repository",
+    )?;
+    // Nowhere else, and never a push.
+    expect(
+        &anon.get_manifest("team/private", "v1").await?,
+        401,
+        Some("UNAUTHORIZED"),
+        "anonymous pull of the private repository",
+    )?;
+    expect(
+        &anon
+            .bearer(&token)
+            .get_manifest("team/private", "v1")
+            .await?,
+        401,
+        Some("UNAUTHORIZED"),
+        "anonymous public-scoped token on the private repository",
+    )?;
+    let other = image(run_seed() ^ 1);
+    expect(
+        &anon.push_blob("team/public", &other.layer).await?,
+        401,
+        Some("UNAUTHORIZED"),
+        "anonymous push to the public repository",
+    )?;
+    // The policy removed, the repository is private again.
+    aws.ok(
+        &admin,
+        &[
+            "delete-repository-policy",
+            "--repository-name",
+            "team/public",
+        ],
+    )?;
+    expect(
+        &anon.get_manifest("team/public", "v1").await?,
+        401,
+        Some("UNAUTHORIZED"),
+        "anonymous pull after the policy was removed",
+    )?;
+    Ok(())
+}
