@@ -76,6 +76,9 @@ pub struct UploadMeta {
     pub account: AccountId,
     pub repo: RepoName,
     pub created_ms: u64,
+    /// Who opened the session (the caller's principal; empty where no one authenticates):
+    /// nobody else may continue, read or cancel it.
+    pub owner: String,
 }
 
 /// Persisted session state (the `state` file).
@@ -711,6 +714,7 @@ mod tests {
 
     fn meta() -> UploadMeta {
         UploadMeta {
+            owner: String::new(),
             account: AccountId::DEFAULT,
             repo: RepoName::parse("r").unwrap(),
             created_ms: 0,

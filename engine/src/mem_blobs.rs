@@ -328,6 +328,7 @@ mod tests {
 
     fn meta() -> UploadMeta {
         UploadMeta {
+            owner: String::new(),
             account: AccountId::DEFAULT,
             repo: RepoName::parse("a/b").unwrap(),
             created_ms: 1,

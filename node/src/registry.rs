@@ -459,6 +459,7 @@ impl<P: Platform> NodeRegistry<P> {
             account: AccountId::DEFAULT,
             repo: RepoName::parse("replica").expect("constant name is valid"),
             created_ms: self.clock.now_ms(),
+            owner: String::new(),
         };
         let now = meta.created_ms;
         let id2 = id.clone();
@@ -555,9 +556,10 @@ impl<P: Platform> NodeRegistry<P> {
         slot: &mut Option<Writer<P>>,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
         id: &str,
     ) -> Result<Writer<P>, ApiError> {
-        let r = self.take_writer_inner(slot, account, repo, id).await;
+        let r = self.take_writer_inner(slot, account, repo, owner, id).await;
         if r.is_err() && slot.is_none() {
             self.forget(id);
         }
@@ -569,6 +571,7 @@ impl<P: Platform> NodeRegistry<P> {
         slot: &mut Option<Writer<P>>,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
         id: &str,
     ) -> Result<Writer<P>, ApiError> {
         let w = match slot.take() {
@@ -580,7 +583,7 @@ impl<P: Platform> NodeRegistry<P> {
                     .await?
             }
         };
-        if w.meta().account != account || &w.meta().repo != repo {
+        if w.meta().account != account || &w.meta().repo != repo || w.meta().owner != owner {
             let e = ApiError::BlobUploadUnknown(id.to_string());
             *slot = Some(w);
             return Err(e);
@@ -839,6 +842,7 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         &self,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
         digest: &Digest,
         mut body: BodyStream,
     ) -> RegistryResult<()> {
@@ -868,8 +872,10 @@ impl<P: Platform> Registry for NodeRegistry<P> {
             let head: BodyStream = Box::pin(
                 futures_util::stream::once(async move { Ok(Bytes::from(buf)) }).chain(rest),
             );
-            let s = self.upload_start(account, repo).await?;
-            return self.upload_finish(account, repo, &s.id, digest, head).await;
+            let s = self.upload_start(account, repo, owner).await?;
+            return self
+                .upload_finish(account, repo, owner, &s.id, digest, head)
+                .await;
         }
         let store = self.blobs.clone();
         let expected = digest.clone();
@@ -884,6 +890,7 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         &self,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
     ) -> RegistryResult<UploadStatus> {
         let id = crate::rt::new_id();
         let slot = self.session(&id)?;
@@ -892,6 +899,7 @@ impl<P: Platform> Registry for NodeRegistry<P> {
             account,
             repo: repo.clone(),
             created_ms: self.clock.now_ms(),
+            owner: owner.to_string(),
         };
         let now = meta.created_ms;
         let id2 = id.clone();
@@ -913,11 +921,14 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         &self,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
         id: &str,
     ) -> RegistryResult<UploadStatus> {
         let slot = self.session(id)?;
         let mut guard = slot.lock().await;
-        let w = self.take_writer(&mut guard, account, repo, id).await?;
+        let w = self
+            .take_writer(&mut guard, account, repo, owner, id)
+            .await?;
         let offset = w.offset();
         *guard = Some(w);
         Ok(UploadStatus {
@@ -930,13 +941,16 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         &self,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
         id: &str,
         start: Option<u64>,
         body: BodyStream,
     ) -> RegistryResult<UploadStatus> {
         let slot = self.session(id)?;
         let mut guard = slot.lock().await;
-        let w = self.take_writer(&mut guard, account, repo, id).await?;
+        let w = self
+            .take_writer(&mut guard, account, repo, owner, id)
+            .await?;
         if let Some(start) = start {
             if start != w.offset() {
                 let offset = w.offset();
@@ -960,13 +974,16 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         &self,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
         id: &str,
         digest: &Digest,
         body: BodyStream,
     ) -> RegistryResult<()> {
         let slot = self.session(id)?;
         let mut guard = slot.lock().await;
-        let w = self.take_writer(&mut guard, account, repo, id).await?;
+        let w = self
+            .take_writer(&mut guard, account, repo, owner, id)
+            .await?;
         let (w, appended) = self.append(w, body).await;
         if let Err(e) = appended {
             let (w, _) = self.checkpoint(w).await;
@@ -988,11 +1005,12 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         &self,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
         id: &str,
     ) -> RegistryResult<()> {
         let slot = self.session(id)?;
         let mut guard = slot.lock().await;
-        let w = self.take_writer(&mut guard, account, repo, id).await;
+        let w = self.take_writer(&mut guard, account, repo, owner, id).await;
         drop(guard);
         self.forget(id);
         w?;

@@ -41,6 +41,11 @@ pub struct ApiState<R> {
     gate: Option<Arc<dyn gate::Gate>>,
 }
 
+/// Request extension: the caller's principal (`<account>` or `<account>/<user>`, `anonymous`;
+/// absent where no one authenticates), which owns the upload sessions it opens.
+#[derive(Clone)]
+pub(crate) struct Owner(pub String);
+
 /// Request extension: whether the caller may read the `from` repository of a mount.
 #[derive(Clone, Copy)]
 pub(crate) struct MountFromReadable(pub bool);
@@ -166,6 +171,13 @@ fn admit(
             return Err(deny(&id, format!("{action} is not allowed here")));
         }
     }
+    let owner = match (&id.account, &id.user) {
+        _ if id.open => String::new(),
+        (Some(a), Some(u)) => format!("{a}/{u}"),
+        (Some(a), None) => a.clone(),
+        (None, _) => "anonymous".to_string(),
+    };
+    req.extensions_mut().insert(Owner(owner));
     if let Route::UploadStart(_) = route {
         let from = req.uri().query().and_then(|q| {
             form_urlencoded::parse(q.as_bytes())

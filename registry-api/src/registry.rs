@@ -90,10 +90,13 @@ pub trait Registry: Send + Sync + 'static {
     ) -> impl Future<Output = RegistryResult<bool>> + Send;
 
     /// Stores a whole blob sent in one request (monolithic upload) and commits it.
+    /// `owner` (the caller's principal, empty when unauthenticated) owns the upload session a
+    /// large body continues in; upload sessions answer only their owner.
     fn blob_put(
         &self,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
         digest: &Digest,
         body: BodyStream,
     ) -> impl Future<Output = RegistryResult<()>> + Send;
@@ -102,12 +105,14 @@ pub trait Registry: Send + Sync + 'static {
         &self,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
     ) -> impl Future<Output = RegistryResult<UploadStatus>> + Send;
 
     fn upload_status(
         &self,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
         id: &str,
     ) -> impl Future<Output = RegistryResult<UploadStatus>> + Send;
 
@@ -116,6 +121,7 @@ pub trait Registry: Send + Sync + 'static {
         &self,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
         id: &str,
         start: Option<u64>,
         body: BodyStream,
@@ -126,6 +132,7 @@ pub trait Registry: Send + Sync + 'static {
         &self,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
         id: &str,
         digest: &Digest,
         body: BodyStream,
@@ -135,6 +142,7 @@ pub trait Registry: Send + Sync + 'static {
         &self,
         account: AccountId,
         repo: &RepoName,
+        owner: &str,
         id: &str,
     ) -> impl Future<Output = RegistryResult<()>> + Send;
 

@@ -164,13 +164,13 @@ impl Client {
             .request(n, move |reg| async move {
                 let acct = AccountId::DEFAULT;
                 if !chunked {
-                    return reg.blob_put(acct, &r, &d, body(vec![data])).await;
+                    return reg.blob_put(acct, &r, "", &d, body(vec![data])).await;
                 }
-                let s = reg.upload_start(acct, &r).await?;
+                let s = reg.upload_start(acct, &r, "").await?;
                 let half = data.len() / 2;
-                reg.upload_append(acct, &r, &s.id, Some(0), body(vec![data.slice(..half)]))
+                reg.upload_append(acct, &r, "", &s.id, Some(0), body(vec![data.slice(..half)]))
                     .await?;
-                reg.upload_finish(acct, &r, &s.id, &d, body(vec![data.slice(half..)]))
+                reg.upload_finish(acct, &r, "", &s.id, &d, body(vec![data.slice(half..)]))
                     .await
             })
             .await;
@@ -533,7 +533,7 @@ pub async fn probe_write(
     let res = sim
         .cluster
         .request(id, move |reg| async move {
-            reg.blob_put(AccountId::DEFAULT, &r, &d, body(vec![data]))
+            reg.blob_put(AccountId::DEFAULT, &r, "", &d, body(vec![data]))
                 .await?;
             reg.manifest_put(
                 AccountId::DEFAULT,

@@ -2369,7 +2369,8 @@ async fn attack_classes() -> Result<()> {
     expect(&r, 200, None, "(b) GET of the blob through team/app")?;
     ensure!(r.body == only_app, "(b) team/app serves other bytes");
 
-    // (c) Another account's principal cannot reach an upload session by its id.
+    // (c) Another principal — of another account, or of the same account with push rights on
+    // the repository — cannot reach an upload session by its id.
     let data = pseudo_random_bytes(w.seed ^ 0xC, 4000);
     let digest = sha256_digest(&data);
     let split = 1500;
@@ -2401,6 +2402,7 @@ async fn attack_classes() -> Result<()> {
         ("partner (tenant by host)", &partner_x),
         ("partner (own tenant)", &partner_own),
         ("nobody", &nobody),
+        ("dev (same account, push on team/*)", &dev),
     ] {
         let attempts = [
             (

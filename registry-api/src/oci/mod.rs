@@ -59,14 +59,16 @@ pub(crate) async fn handle<R: Registry>(
         (Route::UploadStart(repo), Method::POST) => {
             uploads::start(st, account, &repo, p, body).await
         }
-        (Route::Upload(repo, id), Method::GET) => uploads::status(st, account, &repo, &id).await,
+        (Route::Upload(repo, id), Method::GET) => uploads::status(st, account, &repo, &id, p).await,
         (Route::Upload(repo, id), Method::PATCH) => {
             uploads::patch(st, account, &repo, &id, p, body).await
         }
         (Route::Upload(repo, id), Method::PUT) => {
             uploads::put(st, account, &repo, &id, p, body).await
         }
-        (Route::Upload(repo, id), Method::DELETE) => uploads::cancel(st, account, &repo, &id).await,
+        (Route::Upload(repo, id), Method::DELETE) => {
+            uploads::cancel(st, account, &repo, &id, p).await
+        }
         (Route::Referrers(repo, d), Method::GET) => referrers::get(st, account, &repo, &d, p).await,
         (_, m) => Err(ApiError::Unsupported(format!("method {m} on this route"))),
     }

@@ -62,6 +62,15 @@ fn check_length<R: Registry>(st: &ApiState<R>, parts: &Parts) -> Result<(), ApiE
     Ok(())
 }
 
+/// The caller's principal, as the gate recorded it (empty when no one authenticates).
+fn owner(parts: &Parts) -> String {
+    parts
+        .extensions
+        .get::<crate::Owner>()
+        .map(|o| o.0.clone())
+        .unwrap_or_default()
+}
+
 pub(super) async fn start<R: Registry>(
     st: &ApiState<R>,
     account: AccountId,
@@ -94,10 +103,15 @@ pub(super) async fn start<R: Registry>(
     if let Some(digest) = digest_param(&q)? {
         check_length(st, parts)?;
         let body = body_stream(st, body);
-        st.registry.blob_put(account, repo, &digest, body).await?;
+        st.registry
+            .blob_put(account, repo, &owner(parts), &digest, body)
+            .await?;
         return Ok(created(repo, &digest));
     }
-    let s = st.registry.upload_start(account, repo).await?;
+    let s = st
+        .registry
+        .upload_start(account, repo, &owner(parts))
+        .await?;
     Ok(session_response(repo, &s, StatusCode::ACCEPTED))
 }
 
@@ -106,8 +120,12 @@ pub(super) async fn status<R: Registry>(
     account: AccountId,
     repo: &RepoName,
     id: &str,
+    parts: &Parts,
 ) -> Result<Response, ApiError> {
-    let s = st.registry.upload_status(account, repo, id).await?;
+    let s = st
+        .registry
+        .upload_status(account, repo, &owner(parts), id)
+        .await?;
     Ok(session_response(repo, &s, StatusCode::NO_CONTENT))
 }
 
@@ -155,7 +173,7 @@ pub(super) async fn patch<R: Registry>(
     let body = body_stream(st, body);
     let s = st
         .registry
-        .upload_append(account, repo, id, start, body)
+        .upload_append(account, repo, &owner(parts), id, start, body)
         .await?;
     Ok(session_response(repo, &s, StatusCode::ACCEPTED))
 }
@@ -174,7 +192,7 @@ pub(super) async fn put<R: Registry>(
     check_length(st, parts)?;
     let body = body_stream(st, body);
     st.registry
-        .upload_finish(account, repo, id, &digest, body)
+        .upload_finish(account, repo, &owner(parts), id, &digest, body)
         .await?;
     Ok(created(repo, &digest))
 }
@@ -184,8 +202,11 @@ pub(super) async fn cancel<R: Registry>(
     account: AccountId,
     repo: &RepoName,
     id: &str,
+    parts: &Parts,
 ) -> Result<Response, ApiError> {
-    st.registry.upload_cancel(account, repo, id).await?;
+    st.registry
+        .upload_cancel(account, repo, &owner(parts), id)
+        .await?;
     Ok(Response::builder()
         .status(StatusCode::NO_CONTENT)
         .body(Body::empty())
