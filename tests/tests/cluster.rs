@@ -633,3 +633,235 @@ async fn removing_a_holder_restores_three_copies_on_the_others() -> Result<()> {
     assert_eq!(st["members"].as_array().map(|m| m.len()), Some(3), "{st}");
     Ok(())
 }
+
+const ADMIN_KEY_ID: &str = "AKPTCLUSTERADMIN0001";
+const ADMIN_SECRET: &str = "cluster-admin-secret-0000000001";
+/// How long a follower may take to apply a revocation the leader committed.
+const REVOCATION_BOUND: Duration = Duration::from_secs(5);
+
+/// A node of a region whose administrator key is configured (so its OCI routes need
+/// credentials).
+fn node_with_auth(dir: &Path, certs: &Path, id: u64, join: bool) -> Result<Server> {
+    let config = dir.join(format!("n{id}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[raft]\nlearner_catch_up_ms = 5000\nwrite_timeout_ms = 2000\n\
+             [auth]\nadmin_access_key_id = \"{ADMIN_KEY_ID}\"\nadmin_secret_access_key = \"{ADMIN_SECRET}\"\n"
+        ),
+    )?;
+    let mut extra = vec![
+        "--config".to_string(),
+        config.display().to_string(),
+        "--node-id".into(),
+        id.to_string(),
+        "--quic-listen".into(),
+        free_udp_addr()?,
+        "--certs-dir".into(),
+        certs.display().to_string(),
+    ];
+    if join {
+        extra.push("--join".into());
+    }
+    Server::start_with(&dir.join(format!("n{id}")), "127.0.0.1:0", &extra)
+}
+
+/// `portolan <args>` signed with the administrator key.
+fn portolan_admin(args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new(portolan_bin())
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", ADMIN_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", ADMIN_SECRET)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .context("run portolan")?;
+    if !out.status.success() {
+        bail!(
+            "portolan {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The registry password `GetAuthorizationToken` gives `key`/`secret` on `node` (the AWS CLI).
+fn registry_password(node: &Server, key: &str, secret: &str) -> Result<String> {
+    let out = Command::new("aws")
+        .args(["ecr", "get-login-password", "--endpoint-url", &node.url])
+        .env("AWS_ACCESS_KEY_ID", key)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .context("run the AWS CLI (scripts/deps.sh test installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "aws ecr get-login-password failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn basic(password: &str) -> String {
+    use std::fmt::Write as _;
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let input = format!("AWS:{password}").into_bytes();
+    let mut out = String::from("Basic ");
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                let _ = write!(out, "{}", T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+async fn status_with(node: &Server, path: &str, auth: &str) -> Result<u16> {
+    let r = reqwest::Client::new()
+        .get(format!("{}{path}", node.url))
+        .header("Authorization", auth)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await?;
+    Ok(r.status().as_u16())
+}
+
+/// Waits (bounded) until `path` answers `want` on `node` with `auth`; fails past the bound.
+async fn answers_within(
+    node: &Server,
+    path: &str,
+    auth: &str,
+    want: u16,
+    what: &str,
+) -> Result<()> {
+    let deadline = Instant::now() + REVOCATION_BOUND;
+    loop {
+        let got = status_with(node, path, auth).await?;
+        if got == want {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{what}: {path} on {} answers {got}, want {want} within {REVOCATION_BOUND:?}",
+                node.url
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A key revoked, or a policy removed, through one node stops working on every node of the
+/// region (within one replication round, bounded here by `REVOCATION_BOUND`).
+#[tokio::test]
+async fn revocations_and_policy_removals_reach_every_node() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let certs = dir.join("certs");
+    portolan(&[
+        "cluster",
+        "init",
+        "--dir",
+        &certs.display().to_string(),
+        "--nodes",
+        "3",
+    ])?;
+    let n1 = node_with_auth(dir, &certs, 1, false)?;
+    let n2 = node_with_auth(dir, &certs, 2, true)?;
+    let n3 = node_with_auth(dir, &certs, 3, true)?;
+    join(&n1, &n2, 2).await?;
+    join(&n1, &n3, 3).await?;
+    let nodes = [&n1, &n2, &n3];
+
+    // A user allowed to list team/app, through node 2.
+    portolan_admin(&["user", "create", "--endpoint", &n2.url, "--user", "dev"])?;
+    let policy = dir.join("list.json");
+    std::fs::write(
+        &policy,
+        r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":["ecr:GetAuthorizationToken","ecr:ListImages"],"Resource":"*"}]}"#,
+    )?;
+    portolan_admin(&[
+        "user",
+        "put-policy",
+        "--endpoint",
+        &n2.url,
+        "--user",
+        "dev",
+        "--policy-file",
+        &policy.display().to_string(),
+    ])?;
+    let key = portolan_admin(&["key", "create", "--endpoint", &n1.url, "--user", "dev"])?;
+    let key_id = key["accessKey"]["accessKeyId"]
+        .as_str()
+        .context("key id")?
+        .to_string();
+    let secret = key["accessKey"]["secretAccessKey"]
+        .as_str()
+        .context("secret")?
+        .to_string();
+    // The repository, created on node 3 with the administrator's password.
+    let admin_pw = registry_password(&n3, ADMIN_KEY_ID, ADMIN_SECRET)?;
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?digest={}",
+            n3.url,
+            sha256_digest(b"x")
+        ))
+        .header("Authorization", basic(&admin_pw))
+        .body(b"x".to_vec())
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().as_u16() == 201, "admin push: {}", r.status());
+
+    let auth = basic(&registry_password(&n1, &key_id, &secret)?);
+    for n in nodes {
+        answers_within(n, "/v2/team/app/tags/list", &auth, 200, "dev may list").await?;
+    }
+    // The policy replaced with one that no longer allows listing, through node 1.
+    let login_only = dir.join("login.json");
+    std::fs::write(
+        &login_only,
+        r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"ecr:GetAuthorizationToken","Resource":"*"}]}"#,
+    )?;
+    portolan_admin(&[
+        "user",
+        "put-policy",
+        "--endpoint",
+        &n1.url,
+        "--user",
+        "dev",
+        "--policy-file",
+        &login_only.display().to_string(),
+    ])?;
+    for n in nodes {
+        answers_within(n, "/v2/team/app/tags/list", &auth, 403, "policy removed").await?;
+        answers_within(n, "/v2/", &auth, 200, "still authenticated").await?;
+    }
+    // The key revoked through node 3: its password stops working on every node.
+    portolan_admin(&["key", "revoke", "--endpoint", &n3.url, "--key-id", &key_id])?;
+    for n in nodes {
+        answers_within(n, "/v2/", &auth, 401, "key revoked").await?;
+    }
+    // And stays refused (no node falls back to an older view).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in nodes {
+        anyhow::ensure!(
+            status_with(n, "/v2/", &auth).await? == 401,
+            "revoked key honoured again on {}",
+            n.url
+        );
+    }
+    Ok(())
+}
