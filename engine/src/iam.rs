@@ -154,6 +154,8 @@ pub enum Refusal {
     RepositoryUnknown,
     RepositoryNotEmpty,
     TagImmutable(Tag),
+    /// The tag names another manifest and the principal may not move tags.
+    TagExists(Tag),
 }
 
 fn account_key(acct: AccountId) -> Vec<u8> {

@@ -67,6 +67,17 @@ pub enum Command {
     BlobHoldersSet { digest: Digest, holders: Vec<u64> },
     /// Accounts, users, keys, policies and repository settings.
     Iam(crate::iam::IamCommand),
+    /// As `ManifestPut` with a tag, for a principal not allowed to move existing tags: refused
+    /// (`TagExists`) if the tag names another manifest when applied.
+    ManifestPutNoTagMove {
+        account: AccountId,
+        repo: RepoName,
+        digest: Digest,
+        media_type: String,
+        bytes: Vec<u8>,
+        tag: Tag,
+        now_ms: u64,
+    },
 }
 
 impl Command {
@@ -80,6 +91,7 @@ impl Command {
             Command::TagDeleted { .. } => "tag_deleted",
             Command::BlobHoldersSet { .. } => "blob_holders_set",
             Command::Iam(_) => "iam",
+            Command::ManifestPutNoTagMove { .. } => "manifest_put_no_tag_move",
         }
     }
 }
@@ -447,6 +459,33 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                 *now_ms,
                 batch,
             ),
+            Command::ManifestPutNoTagMove {
+                account,
+                repo,
+                digest,
+                media_type,
+                bytes,
+                tag,
+                now_ms,
+            } => {
+                if let Some(t) = self.tag(*account, repo, tag)? {
+                    if &t.digest != digest {
+                        return Ok(Outcome::Refused(crate::iam::Refusal::TagExists(
+                            tag.clone(),
+                        )));
+                    }
+                }
+                self.apply_manifest_put(
+                    *account,
+                    repo,
+                    digest,
+                    media_type,
+                    bytes,
+                    Some(tag),
+                    *now_ms,
+                    batch,
+                )
+            }
             Command::ManifestDeleted {
                 account,
                 repo,

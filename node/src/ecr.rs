@@ -72,6 +72,10 @@ fn refusal(r: Refusal, repo: &str) -> EcrError {
             "RepositoryNotEmptyException",
             format!("The repository with name '{repo}' cannot be deleted because it still contains images"),
         ),
+        Refusal::TagExists(t) => EcrError::new(
+            "ImageTagAlreadyExistsException",
+            format!("The image tag '{t}' already exists in the '{repo}' repository and this principal may not move tags."),
+        ),
         Refusal::TagImmutable(t) => EcrError::new(
             "ImageTagAlreadyExistsException",
             format!("The image tag '{t}' already exists in the '{repo}' repository and cannot be overwritten because the repository is immutable."),
@@ -176,6 +180,7 @@ impl<P: Platform> NodeEcr<P> {
         action: &str,
         acct: AccountId,
         repo: Option<&RepoName>,
+        extra: &[(&str, &str)],
     ) -> Result<bool, EcrError> {
         let iam = self.iam();
         let mut identity = Vec::new();
@@ -209,7 +214,10 @@ impl<P: Platform> NodeEcr<P> {
             Some(r) => self.arn(acct, r.as_str()),
             None => format!("arn:aws:ecr:{}:{acct}:repository/*", self.region),
         };
-        let context = BTreeMap::new();
+        let context: BTreeMap<String, String> = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let account = acct.to_string();
         let req = RequestContext {
             principal,
@@ -233,7 +241,7 @@ impl<P: Platform> NodeEcr<P> {
             account: caller.account.clone(),
             user: caller.user.clone(),
         };
-        if self.allowed_for(&principal, action, acct, repo)? {
+        if self.allowed_for(&principal, action, acct, repo, &[])? {
             return Ok(());
         }
         let resource = match repo {
@@ -659,15 +667,34 @@ impl<P: Platform> NodeEcr<P> {
                 }
             }
         }
+        let principal = Principal {
+            account: c.account.clone(),
+            user: c.user.clone(),
+        };
+        let tag_move = self.allowed_for(
+            &principal,
+            "ecr:PutImage",
+            acct,
+            Some(&repo),
+            &[(registry_api::gate::TAG_MOVE_KEY, "true")],
+        )?;
         match self
             .registry
-            .manifest_put(acct, &repo, &reference, &media_type, bytes)
+            .manifest_put(acct, &repo, &reference, &media_type, bytes, tag_move)
             .await
         {
             Ok(_) => {}
             Err(ApiError::TagImmutable(t)) => {
                 return Err(refusal(
                     Refusal::TagImmutable(
+                        Tag::parse(&t).map_err(|e| EcrError::invalid(e.to_string()))?,
+                    ),
+                    &name,
+                ))
+            }
+            Err(ApiError::TagExists(t)) => {
+                return Err(refusal(
+                    Refusal::TagExists(
                         Tag::parse(&t).map_err(|e| EcrError::invalid(e.to_string()))?,
                     ),
                     &name,
@@ -1327,6 +1354,7 @@ impl<P: Platform> Gate for NodeEcr<P> {
         action: &str,
         account: AccountId,
         repo: Option<&RepoName>,
+        context: &[(&str, &str)],
     ) -> bool {
         if id.open {
             return true;
@@ -1342,7 +1370,7 @@ impl<P: Platform> Gate for NodeEcr<P> {
             (Some(a), None) => Principal::root(a),
             (None, _) => Principal::anonymous(),
         };
-        self.allowed_for(&principal, action, account, repo)
+        self.allowed_for(&principal, action, account, repo, context)
             .unwrap_or(false)
     }
 

@@ -743,6 +743,7 @@ pub fn refusal_err(r: engine::iam::Refusal) -> ApiError {
             "the repository still holds images; delete them or force the deletion".into(),
         ),
         TagImmutable(t) => ApiError::TagImmutable(t.to_string()),
+        TagExists(t) => ApiError::TagExists(t.to_string()),
     }
 }
 
@@ -1046,6 +1047,7 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         reference: &Reference,
         content_type: &str,
         bytes: Bytes,
+        tag_move: bool,
     ) -> RegistryResult<ManifestPutResult> {
         let parsed = manifest::parse(&bytes, content_type, self.limits.manifest_bytes_max)
             .map_err(|e| match e {
@@ -1088,8 +1090,8 @@ impl<P: Platform> Registry for NodeRegistry<P> {
             }
         }
         let subject = parsed.subject.as_ref().map(|s| s.digest.clone());
-        match self
-            .propose(Command::ManifestPut {
+        let cmd = match tag {
+            Some(tag) if !tag_move => Command::ManifestPutNoTagMove {
                 account,
                 repo: repo.clone(),
                 digest: digest.clone(),
@@ -1097,9 +1099,18 @@ impl<P: Platform> Registry for NodeRegistry<P> {
                 bytes: bytes.to_vec(),
                 tag,
                 now_ms: self.clock.now_ms(),
-            })
-            .await?
-        {
+            },
+            tag => Command::ManifestPut {
+                account,
+                repo: repo.clone(),
+                digest: digest.clone(),
+                media_type: parsed.media_type().to_string(),
+                bytes: bytes.to_vec(),
+                tag,
+                now_ms: self.clock.now_ms(),
+            },
+        };
+        match self.propose(cmd).await? {
             Outcome::Done => Ok(ManifestPutResult { digest, subject }),
             o => Err(outcome_err(o)),
         }

@@ -48,6 +48,9 @@ pub enum ApiError {
     /// The tag exists and the repository's tags are immutable.
     #[error("tag {0} already exists and the repository's tags are immutable")]
     TagImmutable(String),
+    /// The tag names another manifest and the caller may not move tags.
+    #[error("tag {0} already exists and this principal may not move tags")]
+    TagExists(String),
     /// A name (repository, user, key) that must be new already exists.
     #[error("{0} already exists")]
     AlreadyExists(String),
@@ -86,6 +89,7 @@ impl ApiError {
             Unsupported(_) => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
             TooManyRequests(_) => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
             TagImmutable(_) => ("TAG_INVALID", StatusCode::BAD_REQUEST),
+            TagExists(_) => ("DENIED", StatusCode::FORBIDDEN),
             AlreadyExists(_) => ("DENIED", StatusCode::CONFLICT),
             Denied(_) => ("DENIED", StatusCode::FORBIDDEN),
             Unauthorized(_) => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),

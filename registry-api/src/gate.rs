@@ -13,6 +13,10 @@ use crate::error::ApiError;
 pub const AUTHORIZATION_BYTES_MAX: usize = 8192;
 /// Most `scope` parameters one token request may carry.
 pub const TOKEN_SCOPES_MAX: usize = 16;
+/// Condition key set to `"true"` when a manifest push would move an existing tag: a policy
+/// that denies `ecr:PutImage` under it makes its principals create-only.
+pub const TAG_MOVE_KEY: &str = "portolan:imagetagmove";
+
 /// The `service` named in challenges and tokens.
 pub const SERVICE: &str = "portolan";
 
@@ -141,13 +145,15 @@ pub trait Gate: Send + Sync + 'static {
     fn open(&self) -> bool;
     /// Checks an `Authorization` header (`Basic` or `Bearer`).
     fn authenticate(&self, authorization: &str) -> Result<Identity, ApiError>;
-    /// Whether `id` may do `action` on `repo` (or the registry) of `account`.
+    /// Whether `id` may do `action` on `repo` (or the registry) of `account`, with extra
+    /// condition keys (lowercase names) in `context`.
     fn allowed(
         &self,
         id: &Identity,
         action: &str,
         account: AccountId,
         repo: Option<&RepoName>,
+        context: &[(&str, &str)],
     ) -> bool;
     /// A bearer token for `id` limited to `scopes`; returns the token and its lifetime (s).
     fn issue_bearer(&self, id: &Identity, scopes: Vec<Scope>) -> Result<(String, u64), ApiError>;

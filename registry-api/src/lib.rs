@@ -46,6 +46,10 @@ pub struct ApiState<R> {
 #[derive(Clone)]
 pub(crate) struct Owner(pub String);
 
+/// Request extension: whether the caller may move an existing tag with a manifest push.
+#[derive(Clone, Copy)]
+pub(crate) struct TagMove(pub bool);
+
 /// Request extension: whether the caller may read the `from` repository of a mount.
 #[derive(Clone, Copy)]
 pub(crate) struct MountFromReadable(pub bool);
@@ -167,7 +171,7 @@ fn admit(
         )));
     }
     for action in required_actions(route, req.method()) {
-        if !g.allowed(&id, action, account, repo) {
+        if !g.allowed(&id, action, account, repo, &[]) {
             return Err(deny(&id, format!("{action} is not allowed here")));
         }
     }
@@ -178,6 +182,18 @@ fn admit(
         (None, _) => "anonymous".to_string(),
     };
     req.extensions_mut().insert(Owner(owner));
+    if let (Route::Manifest(_, engine::Reference::Tag(_)), &axum::http::Method::PUT) =
+        (route, req.method())
+    {
+        let may_move = g.allowed(
+            &id,
+            "ecr:PutImage",
+            account,
+            repo,
+            &[(gate::TAG_MOVE_KEY, "true")],
+        );
+        req.extensions_mut().insert(TagMove(may_move));
+    }
     if let Route::UploadStart(_) = route {
         let from = req.uri().query().and_then(|q| {
             form_urlencoded::parse(q.as_bytes())
@@ -185,8 +201,9 @@ fn admit(
                 .map(|(_, v)| v.into_owned())
         });
         if let Some(from) = from {
-            let readable = engine::RepoName::parse(&from)
-                .is_ok_and(|f| g.allowed(&id, "ecr:GetDownloadUrlForLayer", account, Some(&f)));
+            let readable = engine::RepoName::parse(&from).is_ok_and(|f| {
+                g.allowed(&id, "ecr:GetDownloadUrlForLayer", account, Some(&f), &[])
+            });
             req.extensions_mut().insert(MountFromReadable(readable));
         }
     }
@@ -238,7 +255,7 @@ fn token(g: &dyn gate::Gate, req: &Request) -> Response {
                 .filter(|a| {
                     gate::scope_required_actions(a)
                         .iter()
-                        .all(|action| g.allowed(&id, action, account, repo.as_ref()))
+                        .all(|action| g.allowed(&id, action, account, repo.as_ref(), &[]))
                 })
                 .cloned()
                 .collect();

@@ -153,6 +153,8 @@ pub trait Registry: Send + Sync + 'static {
         reference: &Reference,
     ) -> impl Future<Output = RegistryResult<Manifest>> + Send;
 
+    /// With `tag_move` false, a tag reference that already names another manifest is refused
+    /// (the caller may create tags, not move them); the check is atomic with the write.
     fn manifest_put(
         &self,
         account: AccountId,
@@ -160,6 +162,7 @@ pub trait Registry: Send + Sync + 'static {
         reference: &Reference,
         content_type: &str,
         bytes: Bytes,
+        tag_move: bool,
     ) -> impl Future<Output = RegistryResult<ManifestPutResult>> + Send;
 
     fn manifest_delete(

@@ -247,8 +247,15 @@ impl Client {
         let res = self
             .cluster()
             .request(n, move |reg| async move {
-                reg.manifest_put(AccountId::DEFAULT, &r, &Reference::Tag(t), MANIFEST_TYPE, m)
-                    .await
+                reg.manifest_put(
+                    AccountId::DEFAULT,
+                    &r,
+                    &Reference::Tag(t),
+                    MANIFEST_TYPE,
+                    m,
+                    true,
+                )
+                .await
             })
             .await;
         let answered = self.sim.now_us();
@@ -541,6 +548,7 @@ pub async fn probe_write(
                 &Reference::Digest(md),
                 MANIFEST_TYPE,
                 m,
+                true,
             )
             .await
         })

@@ -2930,3 +2930,109 @@ async fn admin_key_from_config_and_public_repositories() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A create-only principal (allowed to push, denied `ecr:PutImage` when the push would move a
+/// tag, through the `portolan:ImageTagMove` condition key) creates tags but never moves one
+/// — not through the OCI routes, not through `PutImage`; re-pushing the same manifest under
+/// its tag is not a move. The account root still moves tags.
+#[tokio::test(flavor = "multi_thread")]
+async fn create_only_principal_cannot_move_tags() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let server = start_server(&tmp.path().join("data"))?;
+    let aws = AwsCli::new(&server)?;
+    let admin = Creds::admin();
+    portolan_ok(&server, &admin, &["user", "create", "--user", "ci"])?;
+    let policy = json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": [
+                    "ecr:GetAuthorizationToken", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
+                    "ecr:BatchCheckLayerAvailability", "ecr:PutImage", "ecr:InitiateLayerUpload",
+                    "ecr:UploadLayerPart", "ecr:CompleteLayerUpload", "ecr:DescribeImages",
+                ],
+                "Resource": "*",
+            },
+            {
+                "Sid": "create-only",
+                "Effect": "Deny",
+                "Action": "ecr:PutImage",
+                "Resource": "*",
+                "Condition": { "StringEquals": { "portolan:ImageTagMove": "true" } },
+            },
+        ],
+    });
+    let file = policy_file(tmp.path(), "ci", &policy)?;
+    portolan_ok(
+        &server,
+        &admin,
+        &["user", "put-policy", "--user", "ci", "--policy-file", &file],
+    )?;
+    let ci = Creds::from_key_create(&portolan_ok(
+        &server,
+        &admin,
+        &["key", "create", "--user", "ci"],
+    )?)?;
+    aws.ok(
+        &admin,
+        &["create-repository", "--repository-name", "team/app"],
+    )?;
+    let reg = Reg::anonymous(&server).basic(&aws.password(&ci)?);
+    let seed = run_seed();
+    let (a, b) = (image(seed), image(seed ^ 0x5eed));
+
+    expect(
+        &reg.push_image("team/app", "v1", &a).await?,
+        201,
+        None,
+        "ci creates v1",
+    )?;
+    expect(
+        &reg.push_image("team/app", "v1", &b).await?,
+        403,
+        Some("DENIED"),
+        "ci moves v1 to another manifest",
+    )?;
+    let r = reg.get_manifest("team/app", "v1").await?;
+    expect(&r, 200, None, "v1 after the refused move")?;
+    ensure!(r.body == a.manifest, "v1 moved despite the refusal");
+    expect(
+        &reg.push_image("team/app", "v2", &b).await?,
+        201,
+        None,
+        "ci creates v2",
+    )?;
+    expect(
+        &reg.put_manifest("team/app", "v1", &a.manifest).await?,
+        201,
+        None,
+        "ci re-pushes v1's own manifest",
+    )?;
+    // The ECR API enforces the same rule.
+    let b_text = String::from_utf8(b.manifest.clone())?;
+    aws.fails(
+        &ci,
+        &[
+            "put-image",
+            "--repository-name",
+            "team/app",
+            "--image-tag",
+            "v1",
+            "--image-manifest",
+            &b_text,
+        ],
+        "ImageTagAlreadyExistsException",
+    )?;
+    // The root of the account moves it.
+    let root = Reg::anonymous(&server).basic(&aws.password(&admin)?);
+    expect(
+        &root.put_manifest("team/app", "v1", &b.manifest).await?,
+        201,
+        None,
+        "the root moves v1",
+    )?;
+    let r = root.get_manifest("team/app", "v1").await?;
+    ensure!(r.body == b.manifest, "v1 did not move for the root");
+    Ok(())
+}

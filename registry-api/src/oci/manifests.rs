@@ -102,7 +102,14 @@ pub(super) async fn put<R: Registry>(
     st.metrics.add_bytes_in(bytes.len() as u64);
     let put = st
         .registry
-        .manifest_put(account, repo, reference, &content_type, bytes)
+        .manifest_put(
+            account,
+            repo,
+            reference,
+            &content_type,
+            bytes,
+            parts.extensions.get::<crate::TagMove>().is_none_or(|m| m.0),
+        )
         .await?;
     let mut b = Response::builder()
         .status(StatusCode::CREATED)
