@@ -29,7 +29,7 @@ pub enum ConfigError {
     Listen(String),
     #[error("node.region {0:?} must be 1-64 characters of [a-z0-9-]")]
     Region(String),
-    #[error("node.default_account {0:?} is not a 12-digit account id")]
+    #[error("node.default_account {0:?}: only 000000000000 is supported")]
     Account(String),
     #[error("node.id must be at least 1")]
     NodeId,
@@ -103,7 +103,9 @@ pub struct NodeSection {
     pub id: u64,
     pub region: String,
     pub data_dir: PathBuf,
-    /// The account that unauthenticated OCI requests act on.
+    /// The default account: the bootstrap administrator's, and the one requests without an
+    /// account (anonymous, or the open loopback default) act on. Only `000000000000` is
+    /// supported; other accounts are created with `portolan account create`.
     pub default_account: String,
 }
 
@@ -252,7 +254,9 @@ impl Config {
 
     pub fn account(&self) -> Result<AccountId, ConfigError> {
         AccountId::parse(&self.node.default_account)
-            .map_err(|_| ConfigError::Account(self.node.default_account.clone()))
+            .ok()
+            .filter(|a| *a == AccountId::DEFAULT)
+            .ok_or_else(|| ConfigError::Account(self.node.default_account.clone()))
     }
 }
 
