@@ -3036,3 +3036,64 @@ async fn create_only_principal_cannot_move_tags() -> Result<()> {
     ensure!(r.body == b.manifest, "v1 did not move for the root");
     Ok(())
 }
+
+/// HMAC-SHA256 (RFC 2104), for minting tokens with a node's own key in
+/// `expired_tokens_are_refused`.
+fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
+    use sha2::{Digest as _, Sha256};
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(k.iter().map(|b| b ^ 0x36).collect::<Vec<u8>>());
+    inner.update(data);
+    let mut outer = Sha256::new();
+    outer.update(k.iter().map(|b| b ^ 0x5c).collect::<Vec<u8>>());
+    outer.update(inner.finalize());
+    outer.finalize().to_vec()
+}
+
+/// A token whose MAC is right (minted with the node's own key, read from its data
+/// directory) but whose expiry has passed is refused; the same claims unexpired are accepted,
+/// so the refusal is the expiry's.
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_tokens_are_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let server = start_server(&data)?;
+    let aws = AwsCli::new(&server)?;
+    let password = aws.password(&Creds::admin())?;
+    let raw = std::fs::read(data.join("cluster.key")).context("read the node's cluster key")?;
+    ensure!(raw.len() == 32, "cluster.key is {} bytes", raw.len());
+    let mac_key = hmac_sha256(&raw, b"portolan token v1");
+    let mint = |exp_ms: u64| -> Result<String> {
+        let (claims, _) = token_parts(&password)?;
+        let mut v: Value = serde_json::from_slice(&base64url_decode(&claims)?)?;
+        v["exp_ms"] = json!(exp_ms);
+        let body = base64url_encode(&serde_json::to_vec(&v)?);
+        Ok(format!(
+            "{body}.{}",
+            base64url_encode(&hmac_sha256(&mac_key, body.as_bytes()))
+        ))
+    };
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
+    let anon = Reg::anonymous(&server);
+    expect(
+        &anon.basic(&mint(now_ms + 3_600_000)?).get("/v2/").await?,
+        200,
+        None,
+        "a freshly minted token",
+    )?;
+    for (what, exp) in [
+        ("expired a minute ago", now_ms - 60_000),
+        ("expired at 0", 0),
+    ] {
+        let r = anon.basic(&mint(exp)?).get("/v2/").await?;
+        expect(&r, 401, Some("UNAUTHORIZED"), what)?;
+        ensure!(r.text().contains("expired"), "{what}: {}", r.text());
+    }
+    Ok(())
+}
