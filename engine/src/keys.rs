@@ -14,6 +14,7 @@
 //! raft_log     log index (u64 BE)                                 opaque Raft entry
 //! raft_meta    "vote" | "committed" | "last_purged"              opaque
 //! iam          see `iam.rs`                                      accounts, users, keys, settings
+//! outbox       see `outbox.rs`                                   replication events
 //! ```
 //! Repository names never contain 0x00 (OCI grammar), so `repo 0x00` ends a repository's key
 //! range unambiguously: `a` and `a/b` do not share a prefix once the separator follows.
@@ -39,10 +40,12 @@ pub enum Cf {
     RaftMeta,
     /// Accounts, users, keys, policies, repository settings (`iam.rs` draws its layout).
     Iam,
+    /// Replication events in apply order (`outbox.rs` draws its layout).
+    Outbox,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 10] = [
+    pub const ALL: [Cf; 11] = [
         Cf::Repos,
         Cf::Blobs,
         Cf::RepoBlobs,
@@ -53,10 +56,11 @@ impl Cf {
         Cf::RaftLog,
         Cf::RaftMeta,
         Cf::Iam,
+        Cf::Outbox,
     ];
 
     /// The families that make up the replicated state machine (what a snapshot carries).
-    pub const STATE: [Cf; 8] = [
+    pub const STATE: [Cf; 9] = [
         Cf::Repos,
         Cf::Blobs,
         Cf::RepoBlobs,
@@ -65,6 +69,7 @@ impl Cf {
         Cf::Referrers,
         Cf::SmMeta,
         Cf::Iam,
+        Cf::Outbox,
     ];
 
     pub fn name(self) -> &'static str {
@@ -79,6 +84,7 @@ impl Cf {
             Cf::RaftLog => "raft_log",
             Cf::RaftMeta => "raft_meta",
             Cf::Iam => "iam",
+            Cf::Outbox => "outbox",
         }
     }
 

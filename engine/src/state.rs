@@ -526,6 +526,16 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                     }
                     start = next;
                 }
+                crate::outbox::record(
+                    self.kv,
+                    *account,
+                    repo,
+                    crate::outbox::Change::ManifestDeleted {
+                        digest: digest.clone(),
+                    },
+                    0,
+                    batch,
+                )?;
                 Ok(Outcome::Done)
             }
             Command::Iam(c) => Ok(match crate::iam::Iam::new(self.kv).apply(c, batch)? {
@@ -552,6 +562,14 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                     return Ok(Outcome::TagUnknown(tag.clone()));
                 }
                 batch.delete(Cf::Tags, keys::repo_item_key(*account, repo, tag.as_str()));
+                crate::outbox::record(
+                    self.kv,
+                    *account,
+                    repo,
+                    crate::outbox::Change::TagDeleted { tag: tag.clone() },
+                    0,
+                    batch,
+                )?;
                 Ok(Outcome::Done)
             }
         }
@@ -676,6 +694,17 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                 }),
             );
         }
+        crate::outbox::record(
+            self.kv,
+            acct,
+            repo,
+            crate::outbox::Change::ManifestPut {
+                digest: digest.clone(),
+                tag: tag.cloned(),
+            },
+            now_ms,
+            batch,
+        )?;
         Ok(Outcome::Done)
     }
 }
@@ -745,6 +774,69 @@ mod tests {
             },
         );
         (digest, out)
+    }
+
+    /// The outbox records pushes, tag deletes and manifest deletes of replicated repositories
+    /// (by prefix filter), in order, and nothing for other repositories.
+    #[test]
+    fn replicated_repositories_fill_the_outbox() {
+        use crate::outbox::{events_after, Change, Destination};
+        let kv = MemKv::new();
+        let config = r#"{"rules":[{"destinations":[{"region":"eu-west-1","registryId":"111122223333"}],"repositoryFilters":[{"filter":"team/","filterType":"PREFIX_MATCH"}]}]}"#;
+        let out = apply(
+            &kv,
+            Command::Iam(crate::iam::IamCommand::ReplicationConfigSet {
+                account: AccountId::DEFAULT,
+                config: config.into(),
+            }),
+        );
+        assert_eq!(out, Outcome::Done);
+        for r in ["team/app", "other/app"] {
+            let c = commit_blob(&kv, r, b"{}");
+            let l = commit_blob(&kv, r, b"abc");
+            let (d, out) = put(&kv, r, &image_manifest(&c, &l, None), Some("v1"));
+            assert_eq!(out, Outcome::Done);
+            let tag = Tag::parse("v1").unwrap();
+            let out = apply(
+                &kv,
+                Command::TagDeleted {
+                    account: AccountId::DEFAULT,
+                    repo: repo(r),
+                    tag,
+                },
+            );
+            assert_eq!(out, Outcome::Done);
+            let out = apply(
+                &kv,
+                Command::ManifestDeleted {
+                    account: AccountId::DEFAULT,
+                    repo: repo(r),
+                    digest: d,
+                },
+            );
+            assert_eq!(out, Outcome::Done);
+        }
+        let events = events_after(&kv, 0, 100).unwrap();
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(events.iter().all(|e| e.repo == repo("team/app")));
+        assert_eq!(
+            events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert!(matches!(
+            &events[0].change,
+            Change::ManifestPut { tag: Some(t), .. } if t.as_str() == "v1"
+        ));
+        assert!(matches!(&events[1].change, Change::TagDeleted { .. }));
+        assert!(matches!(&events[2].change, Change::ManifestDeleted { .. }));
+        assert_eq!(
+            events[0].destinations,
+            vec![Destination {
+                region: "eu-west-1".into(),
+                account: AccountId::parse("111122223333").unwrap(),
+            }]
+        );
+        assert_eq!(events_after(&kv, 2, 100).unwrap().len(), 1);
     }
 
     fn suite(kv: &dyn KvStore) {
