@@ -8,6 +8,7 @@
 //! ------  ------------------  -----------
 //! outbox  seq (u64 BE)        OutboxEvent
 //! sm_meta "outbox_seq"        u64: the last sequence number given
+//! sm_meta "repl_cursor/" region "/" acct   u64: events up to here are applied there
 //! ```
 //! Owns: which changes become events (the rules at apply time, `PREFIX_MATCH` filters), their
 //! order. Never: ships anything, reads the clock.
@@ -190,4 +191,34 @@ pub fn events_after<S: KvStore + ?Sized>(
             })
         })
         .collect()
+}
+
+fn cursor_key(dest: &Destination) -> Vec<u8> {
+    format!("repl_cursor/{}/{}", dest.region, dest.account).into_bytes()
+}
+
+/// How far `dest` has applied the outbox (0: nothing yet).
+pub fn cursor<S: KvStore + ?Sized>(kv: &S, dest: &Destination) -> Result<u64, StateError> {
+    match kv.get(Cf::SmMeta, &cursor_key(dest))? {
+        Some(b) => keys::decode(&b).map_err(|source| StateError::Decode {
+            what: "replication cursor",
+            source,
+        }),
+        None => Ok(0),
+    }
+}
+
+/// Moves `dest`'s cursor to `seq`; never backwards (a late, repeated report of an older
+/// position changes nothing), never past the last event.
+pub fn advance<S: KvStore + ?Sized>(
+    kv: &S,
+    dest: &Destination,
+    seq: u64,
+    batch: &mut Batch,
+) -> Result<(), StateError> {
+    let seq = seq.min(last_seq(kv)?);
+    if seq > cursor(kv, dest)? {
+        batch.put(Cf::SmMeta, cursor_key(dest), keys::encode(&seq));
+    }
+    Ok(())
 }

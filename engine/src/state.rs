@@ -67,6 +67,11 @@ pub enum Command {
     BlobHoldersSet { digest: Digest, holders: Vec<u64> },
     /// Accounts, users, keys, policies and repository settings.
     Iam(crate::iam::IamCommand),
+    /// A destination region has applied the outbox up to `seq` (moves forward only).
+    ReplicationCursorAdvanced {
+        destination: crate::outbox::Destination,
+        seq: u64,
+    },
     /// As `ManifestPut` with a tag, for a principal not allowed to move existing tags: refused
     /// (`TagExists`) if the tag names another manifest when applied.
     ManifestPutNoTagMove {
@@ -92,6 +97,7 @@ impl Command {
             Command::BlobHoldersSet { .. } => "blob_holders_set",
             Command::Iam(_) => "iam",
             Command::ManifestPutNoTagMove { .. } => "manifest_put_no_tag_move",
+            Command::ReplicationCursorAdvanced { .. } => "replication_cursor_advanced",
         }
     }
 }
@@ -459,6 +465,10 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                 *now_ms,
                 batch,
             ),
+            Command::ReplicationCursorAdvanced { destination, seq } => {
+                crate::outbox::advance(self.kv, destination, *seq, batch)?;
+                Ok(Outcome::Done)
+            }
             Command::ManifestPutNoTagMove {
                 account,
                 repo,
@@ -837,6 +847,23 @@ mod tests {
             }]
         );
         assert_eq!(events_after(&kv, 2, 100).unwrap().len(), 1);
+        // The destination's cursor moves forward only, and never past the last event.
+        let dest = events[0].destinations[0].clone();
+        let advance = |seq| {
+            apply(
+                &kv,
+                Command::ReplicationCursorAdvanced {
+                    destination: dest.clone(),
+                    seq,
+                },
+            )
+        };
+        assert_eq!(crate::outbox::cursor(&kv, &dest).unwrap(), 0);
+        assert_eq!(advance(2), Outcome::Done);
+        assert_eq!(advance(1), Outcome::Done);
+        assert_eq!(crate::outbox::cursor(&kv, &dest).unwrap(), 2);
+        assert_eq!(advance(99), Outcome::Done);
+        assert_eq!(crate::outbox::cursor(&kv, &dest).unwrap(), 3);
     }
 
     fn suite(kv: &dyn KvStore) {
