@@ -99,6 +99,29 @@ pub struct StoredBlob {
     pub size_bytes: u64,
 }
 
+/// Checks a blob received whole (`put_blob`) before anything is written: the temporary id
+/// is usable as a path component and the bytes hash to `expected`.
+pub(crate) fn verify_whole_blob(
+    expected: &Digest,
+    bytes: &[u8],
+    tmp_id: &str,
+) -> Result<StoredBlob, BlobError> {
+    if !valid_upload_id(tmp_id) {
+        return Err(BlobError::BadUploadId);
+    }
+    let actual = Digest::of(expected.algorithm(), bytes);
+    if &actual != expected {
+        return Err(BlobError::DigestMismatch {
+            expected: expected.clone(),
+            actual,
+        });
+    }
+    Ok(StoredBlob {
+        digest: actual,
+        size_bytes: bytes.len() as u64,
+    })
+}
+
 /// The local blob store rooted at a directory.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
@@ -373,21 +396,9 @@ impl BlobStore {
         bytes: &[u8],
         tmp_id: &str,
     ) -> Result<StoredBlob, BlobError> {
-        if !valid_upload_id(tmp_id) {
-            return Err(BlobError::BadUploadId);
-        }
-        let actual = Digest::of(expected.algorithm(), bytes);
-        if &actual != expected {
-            return Err(BlobError::DigestMismatch {
-                expected: expected.clone(),
-                actual,
-            });
-        }
-        if self.blob_len(expected) == Some(bytes.len() as u64) {
-            return Ok(StoredBlob {
-                digest: actual,
-                size_bytes: bytes.len() as u64,
-            });
+        let stored = verify_whole_blob(expected, bytes, tmp_id)?;
+        if self.blob_len(expected) == Some(stored.size_bytes) {
+            return Ok(stored);
         }
         let chunks = crate::chunker::chunk_all(bytes);
         let tmp = self.root.join("uploads").join(format!(".put-{tmp_id}"));
@@ -396,10 +407,7 @@ impl BlobStore {
         f.sync_data().at(&tmp)?;
         drop(f);
         self.install(&tmp, expected, &chunks)?;
-        Ok(StoredBlob {
-            digest: actual,
-            size_bytes: bytes.len() as u64,
-        })
+        Ok(stored)
     }
 
     /// Moves a fully written, fsynced, verified file into place as blob `d`.

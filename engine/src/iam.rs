@@ -265,32 +265,6 @@ impl<'a, S: KvStore + ?Sized> Iam<'a, S> {
         )
     }
 
-    /// Repositories with explicit settings, after `after` (exclusive), at most `limit`.
-    pub fn repos_with_settings(
-        &self,
-        acct: AccountId,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, RepoSettings)>, StateError> {
-        let prefix = repo_settings_prefix(acct);
-        let mut start = prefix.clone();
-        if let Some(a) = after {
-            start.extend_from_slice(a.as_bytes());
-            start.push(0);
-        }
-        let rows = self.kv.scan(Cf::Iam, &prefix, &start, limit)?;
-        rows.into_iter()
-            .map(|(k, v)| {
-                let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-                let s = keys::decode(&v).map_err(|source| StateError::Decode {
-                    what: "repository settings",
-                    source,
-                })?;
-                Ok((name, s))
-            })
-            .collect()
-    }
-
     /// Applies one IAM command into `batch`.
     pub fn apply(
         &self,

@@ -195,25 +195,13 @@ impl BlobBackend for MemBlobStore {
         bytes: &[u8],
         tmp_id: &str,
     ) -> Result<StoredBlob, BlobError> {
-        if !valid_upload_id(tmp_id) {
-            return Err(BlobError::BadUploadId);
-        }
-        let actual = Digest::of(expected.algorithm(), bytes);
-        if &actual != expected {
-            return Err(BlobError::DigestMismatch {
-                expected: expected.clone(),
-                actual,
-            });
-        }
+        let stored = crate::blob_store::verify_whole_blob(expected, bytes, tmp_id)?;
         let mut g = self.lock();
         Self::check_writable(&g, tmp_id)?;
         g.blobs
-            .entry(actual.clone())
+            .entry(stored.digest.clone())
             .or_insert_with(|| Bytes::copy_from_slice(bytes));
-        Ok(StoredBlob {
-            digest: actual,
-            size_bytes: bytes.len() as u64,
-        })
+        Ok(stored)
     }
 
     fn create_upload(

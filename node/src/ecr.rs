@@ -72,16 +72,24 @@ fn refusal(r: Refusal, repo: &str) -> EcrError {
             "RepositoryNotEmptyException",
             format!("The repository with name '{repo}' cannot be deleted because it still contains images"),
         ),
-        Refusal::TagExists(t) => EcrError::new(
-            "ImageTagAlreadyExistsException",
-            format!("The image tag '{t}' already exists in the '{repo}' repository and this principal may not move tags."),
-        ),
-        Refusal::TagImmutable(t) => EcrError::new(
-            "ImageTagAlreadyExistsException",
-            format!("The image tag '{t}' already exists in the '{repo}' repository and cannot be overwritten because the repository is immutable."),
-        ),
+        Refusal::TagExists(t) => tag_exists(t.as_str(), repo, false),
+        Refusal::TagImmutable(t) => tag_exists(t.as_str(), repo, true),
         other => EcrError::invalid(format!("{other:?}")),
     }
+}
+
+/// ECR's answer when a push would move tag `tag`: the repository's tags are immutable, or the
+/// caller may create tags but not move them.
+fn tag_exists(tag: &str, repo: &str, immutable: bool) -> EcrError {
+    let why = if immutable {
+        "cannot be overwritten because the repository is immutable"
+    } else {
+        "this principal may not move tags"
+    };
+    EcrError::new(
+        "ImageTagAlreadyExistsException",
+        format!("The image tag '{tag}' already exists in the '{repo}' repository and {why}."),
+    )
 }
 
 fn repo_not_found(repo: &str) -> EcrError {
@@ -171,6 +179,11 @@ impl<P: Platform> NodeEcr<P> {
         format!("arn:aws:ecr:{}:{acct}:repository/{repo}", self.region)
     }
 
+    /// The ARN an action is authorized on: the repository's, or every repository's.
+    fn resource_arn(&self, acct: AccountId, repo: Option<&RepoName>) -> String {
+        self.arn(acct, repo.map_or("*", |r| r.as_str()))
+    }
+
     /// Whether `principal` may do `action` on `repo` (or the registry) of `acct`: the one
     /// evaluator, with the principal's identity policies and the repository's and registry's
     /// resource policies.
@@ -210,10 +223,7 @@ impl<P: Platform> NodeEcr<P> {
                 resource_policies.push(p);
             }
         }
-        let resource = match repo {
-            Some(r) => self.arn(acct, r.as_str()),
-            None => format!("arn:aws:ecr:{}:{acct}:repository/*", self.region),
-        };
+        let resource = self.resource_arn(acct, repo);
         let context: BTreeMap<String, String> = extra
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -244,10 +254,7 @@ impl<P: Platform> NodeEcr<P> {
         if self.allowed_for(&principal, action, acct, repo, &[])? {
             return Ok(());
         }
-        let resource = match repo {
-            Some(r) => self.arn(acct, r.as_str()),
-            None => format!("arn:aws:ecr:{}:{acct}:repository/*", self.region),
-        };
+        let resource = self.resource_arn(acct, repo);
         Err(EcrError {
             code: "AccessDeniedException",
             message: format!(
@@ -588,25 +595,18 @@ impl<P: Platform> NodeEcr<P> {
             match r {
                 Ok((digest, id)) => {
                     // A digest deletes the image (and its tags); a tag alone untags it.
-                    let (cmd, reference) = match (d, t) {
-                        (None, Some(t)) => (
-                            Command::TagDeleted {
-                                account: acct,
-                                repo: repo.clone(),
-                                tag: Tag::parse(t).map_err(|e| EcrError::invalid(e.to_string()))?,
-                            },
-                            "tag",
-                        ),
-                        _ => (
-                            Command::ManifestDeleted {
-                                account: acct,
-                                repo: repo.clone(),
-                                digest: digest.clone(),
-                            },
-                            "digest",
-                        ),
+                    let cmd = match (d, t) {
+                        (None, Some(t)) => Command::TagDeleted {
+                            account: acct,
+                            repo: repo.clone(),
+                            tag: Tag::parse(t).map_err(|e| EcrError::invalid(e.to_string()))?,
+                        },
+                        _ => Command::ManifestDeleted {
+                            account: acct,
+                            repo: repo.clone(),
+                            digest: digest.clone(),
+                        },
                     };
-                    let _ = reference;
                     match self.registry.propose_command(cmd).await.map_err(api)? {
                         Outcome::Done => {
                             let mut out = json!({ "imageDigest": digest.to_string() });
@@ -684,22 +684,8 @@ impl<P: Platform> NodeEcr<P> {
             .await
         {
             Ok(_) => {}
-            Err(ApiError::TagImmutable(t)) => {
-                return Err(refusal(
-                    Refusal::TagImmutable(
-                        Tag::parse(&t).map_err(|e| EcrError::invalid(e.to_string()))?,
-                    ),
-                    &name,
-                ))
-            }
-            Err(ApiError::TagExists(t)) => {
-                return Err(refusal(
-                    Refusal::TagExists(
-                        Tag::parse(&t).map_err(|e| EcrError::invalid(e.to_string()))?,
-                    ),
-                    &name,
-                ))
-            }
+            Err(ApiError::TagImmutable(t)) => return Err(tag_exists(&t, &name, true)),
+            Err(ApiError::TagExists(t)) => return Err(tag_exists(&t, &name, false)),
             Err(ApiError::ManifestBlobUnknown(d)) => {
                 return Err(EcrError::new(
                     "LayersNotFoundException",

@@ -229,11 +229,15 @@ fn token(g: &dyn gate::Gate, req: &Request) -> Response {
         if k != "scope" {
             continue;
         }
-        if scopes.len() >= gate::TOKEN_SCOPES_MAX {
-            return ApiError::BadParameter("too many scopes".into()).into_response();
-        }
         for one in v.split(' ') {
             match gate::Scope::parse(one) {
+                Ok(Some(_)) if scopes.len() >= gate::TOKEN_SCOPES_MAX => {
+                    return ApiError::BadParameter(format!(
+                        "more than {} scopes",
+                        gate::TOKEN_SCOPES_MAX
+                    ))
+                    .into_response();
+                }
                 Ok(Some(s)) => scopes.push(s),
                 Ok(None) => {}
                 Err(e) => return e.into_response(),

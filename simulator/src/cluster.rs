@@ -144,10 +144,6 @@ impl Cluster {
         self.nodes.lock().expect("cluster lock")
     }
 
-    pub fn region_of(&self, id: NodeId) -> usize {
-        self.lock()[&id].region
-    }
-
     /// The handles of a node that is up.
     pub fn running(&self, id: NodeId) -> Option<Running> {
         self.lock().get(&id).and_then(|n| n.up.clone())

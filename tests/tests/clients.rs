@@ -14,17 +14,18 @@
 //! otherwise.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
 use futures_util::StreamExt as _;
 use portolan_tests::{
-    location, pseudo_random_bytes, sha256_digest, OciClient, Server, ACCEPT_ALL_MANIFESTS,
+    location, pseudo_random_bytes, run_command, sha256_digest, CmdOutput, OciClient, Server,
+    ACCEPT_ALL_MANIFESTS,
 };
 use serde_json::{json, Value};
 
@@ -38,94 +39,10 @@ const REF_NAME: &str = "org.opencontainers.image.ref.name";
 // Running external commands with a time limit
 // ---------------------------------------------------------------------------------------------
 
-struct CmdOutput {
-    status: ExitStatus,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-}
-
-impl CmdOutput {
-    fn stdout_text(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
-    }
-
-    /// Both streams, trimmed, for error messages.
-    fn describe(&self) -> String {
-        format!(
-            "{}; stdout: {}; stderr: {}",
-            self.status,
-            tail(&String::from_utf8_lossy(&self.stdout), 2000),
-            tail(&String::from_utf8_lossy(&self.stderr), 2000)
-        )
-    }
-}
-
-/// The last `max` bytes (at a char boundary) of a text, trimmed.
-fn tail(text: &str, max: usize) -> &str {
-    let text = text.trim();
-    if text.len() <= max {
-        return text;
-    }
-    let mut start = text.len() - max;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    &text[start..]
-}
-
-/// Reads a pipe to its end on a thread; the bytes arrive on the returned channel.
-fn drain(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        let _ = tx.send(buf);
-    });
-    rx
-}
-
-/// Runs a command to completion, killing it after `timeout`. Fails only if it cannot be
-/// started or runs out of time; the exit status is the caller's to judge.
+/// Runs a command to completion, killing it after `timeout` (the harness's `run_command`
+/// without input). Fails only if it cannot be started or runs out of time.
 fn run(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("start {what}"))?;
-    let stdout = drain(child.stdout.take().expect("stdout is piped"));
-    let stderr = drain(child.stderr.take().expect("stderr is piped"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = stderr
-                .recv_timeout(Duration::from_secs(5))
-                .unwrap_or_default();
-            bail!(
-                "{what} did not finish within {timeout:?}; stderr: {}",
-                tail(&String::from_utf8_lossy(&err), 2000)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // A daemon started by the command could hold the pipes open; do not wait for it forever.
-    let stdout = stdout
-        .recv_timeout(Duration::from_secs(10))
-        .unwrap_or_default();
-    let stderr = stderr
-        .recv_timeout(Duration::from_secs(10))
-        .unwrap_or_default();
-    Ok(CmdOutput {
-        status,
-        stdout,
-        stderr,
-    })
+    run_command(cmd, None, timeout)
 }
 
 /// As `run`, and the command must exit 0.

@@ -34,15 +34,22 @@ fn free_udp_addr() -> Result<String> {
 }
 
 fn node(dir: &Path, certs: &Path, id: u64, join: bool) -> Result<Server> {
+    node_with(dir, certs, id, join, "")
+}
+
+/// A node of the region whose config file ends with `extra_config` (TOML sections).
+fn node_with(dir: &Path, certs: &Path, id: u64, join: bool, extra_config: &str) -> Result<Server> {
     // A join that cannot complete fails after 5 s instead of 60; writes without a majority
     // fail after 2 s; snapshots are taken often and the log behind them kept short, so a
     // node that was away for a few hundred pushes must be sent a snapshot.
     let config = dir.join(format!("n{id}.toml"));
     std::fs::write(
         &config,
-        "[raft]\nlearner_catch_up_ms = 5000\nwrite_timeout_ms = 2000\n\
-         snapshot_logs_since_last = 300\nlogs_kept_after_snapshot = 50\n\
-         [cluster]\nrepair_interval_ms = 300\n",
+        format!(
+            "[raft]\nlearner_catch_up_ms = 5000\nwrite_timeout_ms = 2000\n\
+             snapshot_logs_since_last = 300\nlogs_kept_after_snapshot = 50\n\
+             [cluster]\nrepair_interval_ms = 300\n{extra_config}"
+        ),
     )?;
     let mut extra = vec![
         "--config".to_string(),
@@ -642,28 +649,15 @@ const REVOCATION_BOUND: Duration = Duration::from_secs(5);
 /// A node of a region whose administrator key is configured (so its OCI routes need
 /// credentials).
 fn node_with_auth(dir: &Path, certs: &Path, id: u64, join: bool) -> Result<Server> {
-    let config = dir.join(format!("n{id}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "[raft]\nlearner_catch_up_ms = 5000\nwrite_timeout_ms = 2000\n\
-             [auth]\nadmin_access_key_id = \"{ADMIN_KEY_ID}\"\nadmin_secret_access_key = \"{ADMIN_SECRET}\"\n"
+    node_with(
+        dir,
+        certs,
+        id,
+        join,
+        &format!(
+            "[auth]\nadmin_access_key_id = \"{ADMIN_KEY_ID}\"\nadmin_secret_access_key = \"{ADMIN_SECRET}\"\n"
         ),
-    )?;
-    let mut extra = vec![
-        "--config".to_string(),
-        config.display().to_string(),
-        "--node-id".into(),
-        id.to_string(),
-        "--quic-listen".into(),
-        free_udp_addr()?,
-        "--certs-dir".into(),
-        certs.display().to_string(),
-    ];
-    if join {
-        extra.push("--join".into());
-    }
-    Server::start_with(&dir.join(format!("n{id}")), "127.0.0.1:0", &extra)
+    )
 }
 
 /// `portolan <args>` signed with the administrator key.
@@ -707,26 +701,10 @@ fn registry_password(node: &Server, key: &str, secret: &str) -> Result<String> {
 }
 
 fn basic(password: &str) -> String {
-    use std::fmt::Write as _;
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let input = format!("AWS:{password}").into_bytes();
-    let mut out = String::from("Basic ");
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                let _ = write!(out, "{}", T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    format!(
+        "Basic {}",
+        portolan_tests::base64_encode(format!("AWS:{password}").as_bytes())
+    )
 }
 
 async fn status_with(node: &Server, path: &str, auth: &str) -> Result<u16> {
