@@ -14,7 +14,6 @@
 //! otherwise.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -55,19 +54,8 @@ fn run_ok(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
     Ok(out)
 }
 
-/// A required tool is unavailable: under CI that is a failure, elsewhere a loud skip.
-/// Returns Ok(()) when the caller should return early (skip).
 fn unavailable(what: &str, reason: &str) -> Result<()> {
-    if std::env::var_os("CI").is_some() {
-        bail!("{what} unavailable (CI is set, so this is a failure, not a skip): {reason}");
-    }
-    // Straight to the process's stderr: libtest's capture of eprintln! would hide it.
-    let bar = "!".repeat(78);
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n{bar}\n!!!\n!!! SKIPPED: {what} unavailable: {reason}\n!!! (set CI=1 to make this a failure)\n!!!\n{bar}\n"
-    );
-    Ok(())
+    portolan_tests::tool_unavailable(what, reason)
 }
 
 /// A seed that differs between runs, so content from an earlier run cannot satisfy this one.

@@ -95,6 +95,11 @@ async fn join(leader: &Server, joiner: &Server, id: u64) -> Result<()> {
 }
 
 async fn three_nodes(dir: &Path) -> Result<Vec<Server>> {
+    three_nodes_with(dir, "").await
+}
+
+/// A region of three nodes whose config files end with `extra_config`.
+async fn three_nodes_with(dir: &Path, extra_config: &str) -> Result<Vec<Server>> {
     let certs = dir.join("certs");
     portolan(&[
         "cluster",
@@ -104,9 +109,9 @@ async fn three_nodes(dir: &Path) -> Result<Vec<Server>> {
         "--nodes",
         "3",
     ])?;
-    let n1 = node(dir, &certs, 1, false)?;
-    let n2 = node(dir, &certs, 2, true)?;
-    let n3 = node(dir, &certs, 3, true)?;
+    let n1 = node_with(dir, &certs, 1, false, extra_config)?;
+    let n2 = node_with(dir, &certs, 2, true, extra_config)?;
+    let n3 = node_with(dir, &certs, 3, true, extra_config)?;
     join(&n1, &n2, 2).await?;
     join(&n1, &n3, 3).await?;
     Ok(vec![n1, n2, n3])
@@ -646,20 +651,6 @@ const ADMIN_SECRET: &str = "cluster-admin-secret-0000000001";
 /// How long a follower may take to apply a revocation the leader committed.
 const REVOCATION_BOUND: Duration = Duration::from_secs(5);
 
-/// A node of a region whose administrator key is configured (so its OCI routes need
-/// credentials).
-fn node_with_auth(dir: &Path, certs: &Path, id: u64, join: bool) -> Result<Server> {
-    node_with(
-        dir,
-        certs,
-        id,
-        join,
-        &format!(
-            "[auth]\nadmin_access_key_id = \"{ADMIN_KEY_ID}\"\nadmin_secret_access_key = \"{ADMIN_SECRET}\"\n"
-        ),
-    )
-}
-
 /// `portolan <args>` signed with the administrator key.
 fn portolan_admin(args: &[&str]) -> Result<serde_json::Value> {
     let out = Command::new(portolan_bin())
@@ -747,21 +738,15 @@ async fn answers_within(
 async fn revocations_and_policy_removals_reach_every_node() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let certs = dir.join("certs");
-    portolan(&[
-        "cluster",
-        "init",
-        "--dir",
-        &certs.display().to_string(),
-        "--nodes",
-        "3",
-    ])?;
-    let n1 = node_with_auth(dir, &certs, 1, false)?;
-    let n2 = node_with_auth(dir, &certs, 2, true)?;
-    let n3 = node_with_auth(dir, &certs, 3, true)?;
-    join(&n1, &n2, 2).await?;
-    join(&n1, &n3, 3).await?;
-    let nodes = [&n1, &n2, &n3];
+    let region = three_nodes_with(
+        dir,
+        &format!(
+            "[auth]\nadmin_access_key_id = \"{ADMIN_KEY_ID}\"\nadmin_secret_access_key = \"{ADMIN_SECRET}\"\n"
+        ),
+    )
+    .await?;
+    let (n1, n2, n3) = (&region[0], &region[1], &region[2]);
+    let nodes = [n1, n2, n3];
 
     // A user allowed to list team/app, through node 2.
     portolan_admin(&["user", "create", "--endpoint", &n2.url, "--user", "dev"])?;
@@ -790,7 +775,7 @@ async fn revocations_and_policy_removals_reach_every_node() -> Result<()> {
         .context("secret")?
         .to_string();
     // The repository, created on node 3 with the administrator's password.
-    let admin_pw = registry_password(&n3, ADMIN_KEY_ID, ADMIN_SECRET)?;
+    let admin_pw = registry_password(n3, ADMIN_KEY_ID, ADMIN_SECRET)?;
     let r = reqwest::Client::new()
         .post(format!(
             "{}/v2/team/app/blobs/uploads/?digest={}",
@@ -803,7 +788,7 @@ async fn revocations_and_policy_removals_reach_every_node() -> Result<()> {
         .await?;
     anyhow::ensure!(r.status().as_u16() == 201, "admin push: {}", r.status());
 
-    let auth = basic(&registry_password(&n1, &key_id, &secret)?);
+    let auth = basic(&registry_password(n1, &key_id, &secret)?);
     for n in nodes {
         answers_within(n, "/v2/team/app/tags/list", &auth, 200, "dev may list").await?;
     }
