@@ -42,10 +42,12 @@ pub enum Cf {
     Iam,
     /// Replication events in apply order (`outbox.rs` draws its layout).
     Outbox,
+    /// Origin stamps and history of tag changes (`origin.rs` draws its layout).
+    TagOrigins,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 11] = [
+    pub const ALL: [Cf; 12] = [
         Cf::Repos,
         Cf::Blobs,
         Cf::RepoBlobs,
@@ -57,10 +59,11 @@ impl Cf {
         Cf::RaftMeta,
         Cf::Iam,
         Cf::Outbox,
+        Cf::TagOrigins,
     ];
 
     /// The families that make up the replicated state machine (what a snapshot carries).
-    pub const STATE: [Cf; 9] = [
+    pub const STATE: [Cf; 10] = [
         Cf::Repos,
         Cf::Blobs,
         Cf::RepoBlobs,
@@ -70,6 +73,7 @@ impl Cf {
         Cf::SmMeta,
         Cf::Iam,
         Cf::Outbox,
+        Cf::TagOrigins,
     ];
 
     pub fn name(self) -> &'static str {
@@ -85,6 +89,7 @@ impl Cf {
             Cf::RaftMeta => "raft_meta",
             Cf::Iam => "iam",
             Cf::Outbox => "outbox",
+            Cf::TagOrigins => "tag_origins",
         }
     }
 

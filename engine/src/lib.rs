@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod media;
 pub mod mem_blobs;
 pub mod name;
+pub mod origin;
 pub mod outbox;
 pub mod policy;
 pub mod state;

@@ -20,6 +20,7 @@ use crate::iam::Iam;
 use crate::keys::{self, Cf};
 use crate::kv::{Batch, KvStore};
 use crate::name::{AccountId, RepoName, Tag};
+use crate::origin::Stamp;
 use crate::state::StateError;
 
 /// Events kept at most. Past it the oldest event is dropped as each new one arrives (a
@@ -45,12 +46,15 @@ pub enum Change {
     ManifestPut {
         digest: Digest,
         tag: Option<Tag>,
+        /// The tag move's origin stamp (with `tag`).
+        stamp: Option<Stamp>,
     },
     ManifestDeleted {
         digest: Digest,
     },
     TagDeleted {
         tag: Tag,
+        stamp: Stamp,
     },
 }
 
@@ -191,6 +195,33 @@ pub fn events_after<S: KvStore + ?Sized>(
             })
         })
         .collect()
+}
+
+fn failure_key(dest: &Destination) -> Vec<u8> {
+    format!("repl_failure/{}/{}", dest.region, dest.account).into_bytes()
+}
+
+/// Records why shipping to `dest` fails (`None`: it works again).
+pub fn set_failure(dest: &Destination, reason: Option<&str>, batch: &mut Batch) {
+    match reason {
+        Some(r) => batch.put(Cf::SmMeta, failure_key(dest), keys::encode(&r.to_string())),
+        None => batch.delete(Cf::SmMeta, failure_key(dest)),
+    }
+}
+
+/// Why shipping to `dest` fails, if it does.
+pub fn failure<S: KvStore + ?Sized>(
+    kv: &S,
+    dest: &Destination,
+) -> Result<Option<String>, StateError> {
+    kv.get(Cf::SmMeta, &failure_key(dest))?
+        .map(|b| {
+            keys::decode(&b).map_err(|source| StateError::Decode {
+                what: "replication failure",
+                source,
+            })
+        })
+        .transpose()
 }
 
 fn cursor_key(dest: &Destination) -> Vec<u8> {

@@ -62,6 +62,8 @@ pub enum Command {
         account: AccountId,
         repo: RepoName,
         tag: Tag,
+        /// The proposer's wall clock (stamps the delete for other regions).
+        now_ms: u64,
     },
     /// The repair task moved a blob's copies: `holders` now hold it durably.
     BlobHoldersSet { digest: Digest, holders: Vec<u64> },
@@ -71,6 +73,37 @@ pub enum Command {
     ReplicationCursorAdvanced {
         destination: crate::outbox::Destination,
         seq: u64,
+    },
+    /// A manifest push made in another region, applied with its tag change's origin stamp:
+    /// the tag moves only if the stamp is later than the tag's current one (else the change
+    /// goes to the tag's history). Idempotent; never appended to this region's outbox.
+    ReplicaManifestPut {
+        account: AccountId,
+        repo: RepoName,
+        digest: Digest,
+        media_type: String,
+        bytes: Vec<u8>,
+        tag: Option<Tag>,
+        stamp: crate::origin::Stamp,
+        now_ms: u64,
+    },
+    /// A tag delete made in another region (last-writer-wins on the stamp, like a move).
+    ReplicaTagDeleted {
+        account: AccountId,
+        repo: RepoName,
+        tag: Tag,
+        stamp: crate::origin::Stamp,
+    },
+    /// A manifest delete made in another region (idempotent: an absent manifest is done).
+    ReplicaManifestDeleted {
+        account: AccountId,
+        repo: RepoName,
+        digest: Digest,
+    },
+    /// Shipping to a destination started failing (`reason`) or works again (`None`).
+    ReplicationFailureSet {
+        destination: crate::outbox::Destination,
+        reason: Option<String>,
     },
     /// As `ManifestPut` with a tag, for a principal not allowed to move existing tags: refused
     /// (`TagExists`) if the tag names another manifest when applied.
@@ -98,6 +131,10 @@ impl Command {
             Command::Iam(_) => "iam",
             Command::ManifestPutNoTagMove { .. } => "manifest_put_no_tag_move",
             Command::ReplicationCursorAdvanced { .. } => "replication_cursor_advanced",
+            Command::ReplicaManifestPut { .. } => "replica_manifest_put",
+            Command::ReplicaTagDeleted { .. } => "replica_tag_deleted",
+            Command::ReplicaManifestDeleted { .. } => "replica_manifest_deleted",
+            Command::ReplicationFailureSet { .. } => "replication_failure_set",
         }
     }
 }
@@ -142,11 +179,19 @@ pub struct Page {
 /// Reads and applies over any `KvStore`.
 pub struct State<'a, S: KvStore + ?Sized> {
     kv: &'a S,
+    /// The region applying commands: it stamps the tag changes made here.
+    region: &'a str,
 }
 
 impl<'a, S: KvStore + ?Sized> State<'a, S> {
     pub fn new(kv: &'a S) -> Self {
-        State { kv }
+        State { kv, region: "" }
+    }
+
+    /// The state as the region named `region` applies it (its stamps carry the name).
+    pub fn in_region(mut self, region: &'a str) -> Self {
+        self.region = region;
+        self
     }
 
     // ---- reads ----
@@ -463,8 +508,56 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                 bytes,
                 tag.as_ref(),
                 *now_ms,
+                None,
                 batch,
             ),
+            Command::ReplicaManifestPut {
+                account,
+                repo,
+                digest,
+                media_type,
+                bytes,
+                tag,
+                stamp,
+                now_ms,
+            } => self.apply_manifest_put(
+                *account,
+                repo,
+                digest,
+                media_type,
+                bytes,
+                tag.as_ref(),
+                *now_ms,
+                Some(stamp),
+                batch,
+            ),
+            Command::ReplicaTagDeleted {
+                account,
+                repo,
+                tag,
+                stamp,
+            } => {
+                crate::origin::observe(self.kv, stamp.hlc, batch)?;
+                if self.replica_tag_wins(*account, repo, tag, None, stamp, batch)? {
+                    batch.delete(Cf::Tags, keys::repo_item_key(*account, repo, tag.as_str()));
+                }
+                Ok(Outcome::Done)
+            }
+            Command::ReplicaManifestDeleted {
+                account,
+                repo,
+                digest,
+            } => match self.delete_manifest(*account, repo, digest, false, batch)? {
+                Outcome::ManifestUnknown(_) => Ok(Outcome::Done),
+                o => Ok(o),
+            },
+            Command::ReplicationFailureSet {
+                destination,
+                reason,
+            } => {
+                crate::outbox::set_failure(destination, reason.as_deref(), batch);
+                Ok(Outcome::Done)
+            }
             Command::ReplicationCursorAdvanced { destination, seq } => {
                 crate::outbox::advance(self.kv, destination, *seq, batch)?;
                 Ok(Outcome::Done)
@@ -493,6 +586,7 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                     bytes,
                     Some(tag),
                     *now_ms,
+                    None,
                     batch,
                 )
             }
@@ -500,54 +594,7 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                 account,
                 repo,
                 digest,
-            } => {
-                let Some(m) = self.manifest(*account, repo, digest)? else {
-                    return Ok(Outcome::ManifestUnknown(digest.clone()));
-                };
-                batch.delete(
-                    Cf::Manifests,
-                    keys::repo_item_key(*account, repo, &digest.to_string()),
-                );
-                if let Some(subject) = &m.subject {
-                    batch.delete(
-                        Cf::Referrers,
-                        keys::referrer_key(*account, repo, subject, digest),
-                    );
-                }
-                // Tags pointing at it go with it (bounded by the repository's tag count,
-                // which `list_page_entries_max`-sized pages walk).
-                let prefix = keys::repo_prefix(*account, repo);
-                let mut start = prefix.clone();
-                loop {
-                    let rows = self.kv.scan(Cf::Tags, &prefix, &start, 1024)?;
-                    let Some((last_key, _)) = rows.last() else {
-                        break;
-                    };
-                    let mut next = last_key.clone();
-                    next.push(0);
-                    for (k, v) in &rows {
-                        let t: TagRecord = dec("tag", v)?;
-                        if &t.digest == digest {
-                            batch.delete(Cf::Tags, k.clone());
-                        }
-                    }
-                    if rows.len() < 1024 {
-                        break;
-                    }
-                    start = next;
-                }
-                crate::outbox::record(
-                    self.kv,
-                    *account,
-                    repo,
-                    crate::outbox::Change::ManifestDeleted {
-                        digest: digest.clone(),
-                    },
-                    0,
-                    batch,
-                )?;
-                Ok(Outcome::Done)
-            }
+            } => self.delete_manifest(*account, repo, digest, true, batch),
             Command::Iam(c) => Ok(match crate::iam::Iam::new(self.kv).apply(c, batch)? {
                 Ok(()) => Outcome::Done,
                 Err(r) => Outcome::Refused(r),
@@ -567,20 +614,162 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                 );
                 Ok(Outcome::Done)
             }
-            Command::TagDeleted { account, repo, tag } => {
+            Command::TagDeleted {
+                account,
+                repo,
+                tag,
+                now_ms,
+            } => {
                 if self.tag(*account, repo, tag)?.is_none() {
                     return Ok(Outcome::TagUnknown(tag.clone()));
                 }
                 batch.delete(Cf::Tags, keys::repo_item_key(*account, repo, tag.as_str()));
+                let stamp = self.local_stamp(*now_ms, batch)?;
+                crate::origin::set(
+                    self.kv,
+                    *account,
+                    repo,
+                    tag,
+                    &crate::origin::TagOrigin {
+                        digest: None,
+                        stamp: stamp.clone(),
+                    },
+                    batch,
+                )?;
                 crate::outbox::record(
                     self.kv,
                     *account,
                     repo,
-                    crate::outbox::Change::TagDeleted { tag: tag.clone() },
-                    0,
+                    crate::outbox::Change::TagDeleted {
+                        tag: tag.clone(),
+                        stamp,
+                    },
+                    *now_ms,
                     batch,
                 )?;
                 Ok(Outcome::Done)
+            }
+        }
+    }
+
+    /// Removes a manifest, its referrer entry and the tags pointing at it; a local delete
+    /// (`to_outbox`) is appended to the outbox for the regions the rules name.
+    fn delete_manifest(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+        to_outbox: bool,
+        batch: &mut Batch,
+    ) -> Result<Outcome, StateError> {
+        let Some(m) = self.manifest(acct, repo, digest)? else {
+            return Ok(Outcome::ManifestUnknown(digest.clone()));
+        };
+        batch.delete(
+            Cf::Manifests,
+            keys::repo_item_key(acct, repo, &digest.to_string()),
+        );
+        if let Some(subject) = &m.subject {
+            batch.delete(
+                Cf::Referrers,
+                keys::referrer_key(acct, repo, subject, digest),
+            );
+        }
+        // Tags pointing at it go with it (bounded by the repository's tag count,
+        // which `list_page_entries_max`-sized pages walk).
+        let prefix = keys::repo_prefix(acct, repo);
+        let mut start = prefix.clone();
+        loop {
+            let rows = self.kv.scan(Cf::Tags, &prefix, &start, 1024)?;
+            let Some((last_key, _)) = rows.last() else {
+                break;
+            };
+            let mut next = last_key.clone();
+            next.push(0);
+            for (k, v) in &rows {
+                let t: TagRecord = dec("tag", v)?;
+                if &t.digest == digest {
+                    batch.delete(Cf::Tags, k.clone());
+                }
+            }
+            if rows.len() < 1024 {
+                break;
+            }
+            start = next;
+        }
+        if to_outbox {
+            crate::outbox::record(
+                self.kv,
+                acct,
+                repo,
+                crate::outbox::Change::ManifestDeleted {
+                    digest: digest.clone(),
+                },
+                0,
+                batch,
+            )?;
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// A new stamp for a tag change made in this region.
+    fn local_stamp(
+        &self,
+        now_ms: u64,
+        batch: &mut Batch,
+    ) -> Result<crate::origin::Stamp, StateError> {
+        Ok(crate::origin::Stamp {
+            hlc: crate::origin::tick(self.kv, now_ms, batch)?,
+            region: self.region.to_string(),
+        })
+    }
+
+    /// Whether a change stamped `stamp` from another region beats the tag's current state;
+    /// the loser (the replaced state, or this change) goes to the tag's history.
+    fn replica_tag_wins(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: Option<&Digest>,
+        stamp: &crate::origin::Stamp,
+        batch: &mut Batch,
+    ) -> Result<bool, StateError> {
+        use crate::origin::{self, HistoryEntry, Stamp, TagOrigin};
+        let current = match origin::current(self.kv, acct, repo, tag)? {
+            Some(o) => Some(o),
+            // A tag from before stamps existed: stamped by its last local update.
+            None => self.tag(acct, repo, tag)?.map(|t| TagOrigin {
+                digest: Some(t.digest),
+                stamp: Stamp {
+                    hlc: t.updated_ms << 16,
+                    region: self.region.to_string(),
+                },
+            }),
+        };
+        let incoming = TagOrigin {
+            digest: digest.cloned(),
+            stamp: stamp.clone(),
+        };
+        match current {
+            Some(c) if c.stamp == *stamp => Ok(false),
+            Some(c) if c.stamp > *stamp => {
+                origin::push_history(
+                    self.kv,
+                    acct,
+                    repo,
+                    tag,
+                    &HistoryEntry {
+                        digest: incoming.digest,
+                        stamp: incoming.stamp,
+                    },
+                    batch,
+                )?;
+                Ok(false)
+            }
+            _ => {
+                origin::set(self.kv, acct, repo, tag, &incoming, batch)?;
+                Ok(true)
             }
         }
     }
@@ -636,6 +825,7 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
         bytes: &[u8],
         tag: Option<&Tag>,
         now_ms: u64,
+        replica: Option<&crate::origin::Stamp>,
         batch: &mut Batch,
     ) -> Result<Outcome, StateError> {
         // Validated by the proposer; parsed again because apply must stand on its own input.
@@ -653,8 +843,9 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                 return Ok(Outcome::ManifestBlobUnknown(d.clone()));
             }
         }
-        // An immutable repository's tag never moves (checked before anything is written).
-        if let Some(tag) = tag {
+        // An immutable repository's tag never moves (checked before anything is written). A
+        // change from another region is not refused: it loses, and stays in the history.
+        if let (Some(tag), None) = (tag, replica) {
             let immutable = crate::iam::Iam::new(self.kv)
                 .repo_settings(acct, repo)?
                 .is_some_and(|s| s.tag_immutable);
@@ -694,7 +885,7 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                 pushed_ms,
             }),
         );
-        if let Some(tag) = tag {
+        let put_tag = |batch: &mut Batch, tag: &Tag| {
             batch.put(
                 Cf::Tags,
                 keys::repo_item_key(acct, repo, tag.as_str()),
@@ -703,7 +894,53 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                     updated_ms: now_ms,
                 }),
             );
+        };
+        if let Some(stamp) = replica {
+            crate::origin::observe(self.kv, stamp.hlc, batch)?;
+            if let Some(tag) = tag {
+                let immutable = crate::iam::Iam::new(self.kv)
+                    .repo_settings(acct, repo)?
+                    .is_some_and(|s| s.tag_immutable)
+                    && self
+                        .tag(acct, repo, tag)?
+                        .is_some_and(|t| &t.digest != digest);
+                if immutable {
+                    crate::origin::push_history(
+                        self.kv,
+                        acct,
+                        repo,
+                        tag,
+                        &crate::origin::HistoryEntry {
+                            digest: Some(digest.clone()),
+                            stamp: stamp.clone(),
+                        },
+                        batch,
+                    )?;
+                } else if self.replica_tag_wins(acct, repo, tag, Some(digest), stamp, batch)? {
+                    put_tag(batch, tag);
+                }
+            }
+            return Ok(Outcome::Done);
         }
+        let stamp = match tag {
+            Some(tag) => {
+                put_tag(batch, tag);
+                let stamp = self.local_stamp(now_ms, batch)?;
+                crate::origin::set(
+                    self.kv,
+                    acct,
+                    repo,
+                    tag,
+                    &crate::origin::TagOrigin {
+                        digest: Some(digest.clone()),
+                        stamp: stamp.clone(),
+                    },
+                    batch,
+                )?;
+                Some(stamp)
+            }
+            None => None,
+        };
         crate::outbox::record(
             self.kv,
             acct,
@@ -711,6 +948,7 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
             crate::outbox::Change::ManifestPut {
                 digest: digest.clone(),
                 tag: tag.cloned(),
+                stamp,
             },
             now_ms,
             batch,
@@ -813,6 +1051,7 @@ mod tests {
                     account: AccountId::DEFAULT,
                     repo: repo(r),
                     tag,
+                    now_ms: 5,
                 },
             );
             assert_eq!(out, Outcome::Done);
@@ -981,9 +1220,159 @@ mod tests {
                 account: a,
                 repo: repo("app"),
                 tag: Tag::parse("v1").unwrap(),
+                now_ms: 9,
             },
         );
         assert!(matches!(out, Outcome::TagUnknown(_)));
+    }
+
+    #[test]
+    fn concurrent_tag_moves_resolve_last_writer_wins_in_any_order() {
+        use crate::origin::{self, Stamp};
+        // Two regions push different manifests to one tag; each then applies the other's
+        // change. Both end on the later stamp; the loser is in the history of both.
+        let (east, west) = (MemKv::new(), MemKv::new());
+        let a = AccountId::DEFAULT;
+        let t = Tag::parse("latest").unwrap();
+        let mut pushed = Vec::new();
+        for (kv, region, now, layer) in [
+            (&east, "east", 1_000, b"east layer".as_slice()),
+            (&west, "west", 2_000, b"west layer".as_slice()),
+        ] {
+            let c = commit_blob(kv, "app", b"{}");
+            let l = commit_blob(kv, "app", layer);
+            let m = image_manifest(&c, &l, None);
+            let d = Digest::sha256_of(&m);
+            let mut b = Batch::default();
+            let out = State::new(kv)
+                .in_region(region)
+                .apply(
+                    &Command::ManifestPut {
+                        account: a,
+                        repo: repo("app"),
+                        digest: d.clone(),
+                        media_type: media::OCI_MANIFEST.into(),
+                        bytes: m.clone(),
+                        tag: Some(t.clone()),
+                        now_ms: now,
+                    },
+                    &mut b,
+                )
+                .unwrap();
+            kv.write(b, true).unwrap();
+            assert_eq!(out, Outcome::Done);
+            let stamp = origin::current(kv, a, &repo("app"), &t)
+                .unwrap()
+                .unwrap()
+                .stamp;
+            assert_eq!(stamp.region, region);
+            pushed.push((d, m, stamp, c, l, layer));
+        }
+        // Ship each to the other (blobs first, as the worker does), twice: idempotent.
+        for (kv, region, from) in [(&east, "east", 1), (&west, "west", 0)] {
+            let (d, m, stamp, _, _, layer) = &pushed[from];
+            commit_blob(kv, "app", layer);
+            for _ in 0..2 {
+                let mut b = Batch::default();
+                let out = State::new(kv)
+                    .in_region(region)
+                    .apply(
+                        &Command::ReplicaManifestPut {
+                            account: a,
+                            repo: repo("app"),
+                            digest: d.clone(),
+                            media_type: media::OCI_MANIFEST.into(),
+                            bytes: m.clone(),
+                            tag: Some(t.clone()),
+                            stamp: stamp.clone(),
+                            now_ms: 3_000,
+                        },
+                        &mut b,
+                    )
+                    .unwrap();
+                kv.write(b, true).unwrap();
+                assert_eq!(out, Outcome::Done);
+            }
+        }
+        let winner = &pushed[1].0; // west's stamp is later
+        for kv in [&east, &west] {
+            let st = State::new(kv);
+            assert_eq!(
+                &st.tag(a, &repo("app"), &t).unwrap().unwrap().digest,
+                winner
+            );
+            let hist = origin::history(kv, a, &repo("app"), &t).unwrap();
+            assert_eq!(hist.len(), 1, "{hist:?}");
+            assert_eq!(hist[0].digest.as_ref(), Some(&pushed[0].0));
+            assert_eq!(hist[0].stamp, pushed[0].2);
+            // The clock moved past every reading seen.
+            assert!(origin::hlc(kv).unwrap() >= pushed[1].2.hlc);
+            // Both manifests are stored (the loser stays pullable by digest).
+            assert!(st
+                .manifest(a, &repo("app"), &pushed[0].0)
+                .unwrap()
+                .is_some());
+        }
+        // A later local move in east beats west's stamp even with a clock behind it.
+        let mut b = Batch::default();
+        State::new(&east)
+            .in_region("east")
+            .apply(
+                &Command::TagDeleted {
+                    account: a,
+                    repo: repo("app"),
+                    tag: t.clone(),
+                    now_ms: 10,
+                },
+                &mut b,
+            )
+            .unwrap();
+        east.write(b, true).unwrap();
+        let del = origin::current(&east, a, &repo("app"), &t)
+            .unwrap()
+            .unwrap();
+        assert!(del.digest.is_none() && del.stamp > pushed[1].2);
+        // An older delete arriving from elsewhere loses to the current tag.
+        let mut b = Batch::default();
+        State::new(&west)
+            .in_region("west")
+            .apply(
+                &Command::ReplicaTagDeleted {
+                    account: a,
+                    repo: repo("app"),
+                    tag: t.clone(),
+                    stamp: Stamp {
+                        hlc: 1,
+                        region: "east".into(),
+                    },
+                },
+                &mut b,
+            )
+            .unwrap();
+        west.write(b, true).unwrap();
+        assert!(State::new(&west)
+            .tag(a, &repo("app"), &t)
+            .unwrap()
+            .is_some());
+        // The newer one wins.
+        let mut b = Batch::default();
+        State::new(&west)
+            .in_region("west")
+            .apply(
+                &Command::ReplicaTagDeleted {
+                    account: a,
+                    repo: repo("app"),
+                    tag: t.clone(),
+                    stamp: del.stamp.clone(),
+                },
+                &mut b,
+            )
+            .unwrap();
+        west.write(b, true).unwrap();
+        assert!(State::new(&west)
+            .tag(a, &repo("app"), &t)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

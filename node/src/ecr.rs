@@ -600,6 +600,7 @@ impl<P: Platform> NodeEcr<P> {
                             account: acct,
                             repo: repo.clone(),
                             tag: Tag::parse(t).map_err(|e| EcrError::invalid(e.to_string()))?,
+                            now_ms: self.registry.now_ms(),
                         },
                         _ => Command::ManifestDeleted {
                             account: acct,

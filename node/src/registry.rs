@@ -1132,6 +1132,7 @@ impl<P: Platform> Registry for NodeRegistry<P> {
                 account,
                 repo: repo.clone(),
                 tag: t.clone(),
+                now_ms: self.clock.now_ms(),
             },
         };
         match self.propose(cmd).await? {

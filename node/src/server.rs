@@ -187,7 +187,7 @@ impl Node {
         let node_id = config.node.id;
         let log = LogStore::new(kv.clone());
         let committed_index = log.committed_index();
-        let sm = StateMachine::new(kv.clone());
+        let sm = StateMachine::new(kv.clone(), &config.node.region);
         let catch_up = Duration::from_millis(config.raft.learner_catch_up_ms);
         let peer_handler = Arc::new(NodePeer::<crate::registry::Production>::new(catch_up));
         let (raft, transport, quic_addr) = if config.cluster.quic_listen.is_empty() {

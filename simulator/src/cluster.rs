@@ -179,7 +179,7 @@ impl Cluster {
         } else {
             LogStore::new(kv.clone())
         };
-        let sm = StateMachine::new(kv.clone());
+        let sm = StateMachine::new(kv.clone(), &self.config.node.region);
         let net = PeerNetwork {
             transport: transport.clone(),
         };

@@ -94,7 +94,7 @@ mod tests {
         {
             let dir = tempfile::tempdir().expect("tempdir");
             let kv = Arc::new(RocksKv::open(dir.path()).expect("open rocksdb"));
-            Ok((dir, LogStore::new(kv.clone()), StateMachine::new(kv)))
+            Ok((dir, LogStore::new(kv.clone()), StateMachine::new(kv, "test")))
         }
     }
 
@@ -103,7 +103,7 @@ mod tests {
     impl StoreBuilder<TypeConfig, LogStore<MemKv>, StateMachine<MemKv>> for MemBuilder {
         async fn build(&self) -> Result<((), LogStore<MemKv>, StateMachine<MemKv>), StorageError> {
             let kv = Arc::new(MemKv::new());
-            Ok(((), LogStore::new(kv.clone()), StateMachine::new(kv)))
+            Ok(((), LogStore::new(kv.clone()), StateMachine::new(kv, "test")))
         }
     }
 

@@ -45,13 +45,16 @@ struct CurrentSnapshot {
 pub struct StateMachine<S: KvStore> {
     kv: Arc<S>,
     current: Arc<Mutex<Option<CurrentSnapshot>>>,
+    /// The region this group is: it stamps the tag changes made here.
+    region: String,
 }
 
 impl<S: KvStore> StateMachine<S> {
-    pub fn new(kv: Arc<S>) -> Self {
+    pub fn new(kv: Arc<S>, region: &str) -> Self {
         StateMachine {
             kv,
             current: Arc::new(Mutex::new(None)),
+            region: region.to_string(),
         }
     }
 
@@ -185,6 +188,7 @@ impl<S: KvStore> RaftStateMachine<TypeConfig> for StateMachine<S> {
                 EntryPayload::Blank => Response::None,
                 EntryPayload::Normal(Request::V1(cmd)) => {
                     let outcome = State::new(self.kv.as_ref())
+                        .in_region(&self.region)
                         .apply(cmd, &mut batch)
                         .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
                     tracing::trace!(index = entry.log_id.index, ?cmd, ?outcome, "applied");
