@@ -6,18 +6,30 @@
 //! <root>/blobs/<alg>/<hex[0..2]>/<hex>.chunks   chunk index (written before the blob appears)
 //! <root>/uploads/<id>/data                      bytes received so far
 //! <root>/uploads/<id>/state                     UploadState: offset, sha256 state, chunks cut
+//! <root>/uploads/.put-<tmp>, .assemble-<tmp>     a blob being written whole or from chunks
+//! <root>/chunk-locs/<hex[0..2]>/<hex>           chunk locator: "<digest> <offset> <len>" of a
+//!                                               committed blob holding BLAKE3 chunk <hex>
+//! <root>/staged/<hex[0..2]>/<hex>               a chunk received from another region, kept
+//!                                               until a blob is assembled from it (mtime =
+//!                                               the caller's staging time)
 //! ```
 //! Owns: session state, the running sha256 and chunk index, durable commit of a blob's bytes
-//! (temp file, fsync, rename, directory fsync).
+//! (temp file, fsync, rename, directory fsync), the chunk locator (derived, unsynced: a lost or
+//! stale entry only means a chunk is shipped again) and staged chunks (durable).
 //! Never: commits anything through Raft (the caller does, after the write quorum), reads the
-//! clock (times are arguments), picks upload ids (the caller does, from its RNG).
+//! clock (times are arguments; a staged chunk's mtime is set from the caller's time), picks
+//! upload ids (the caller does, from its RNG), returns chunk bytes it has not verified against
+//! their BLAKE3 name.
 //! Invariants: a committed blob file's sha256 is its name (verified before the rename); an
 //! upload's `state` never claims more bytes than its `data` holds durably (data is fsynced
-//! before the state that counts it is written).
+//! before the state that counts it is written); a staged chunk's BLAKE3 is its name.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::digest::common::hazmat::{SerializableState, SerializedState};
@@ -49,6 +61,13 @@ pub enum BlobError {
     CorruptState { id: String, reason: String },
     #[error("blob {0} is not in this store")]
     BlobUnknown(Digest),
+    /// A chunk needed to assemble a blob is neither staged nor in a committed blob (hex hash).
+    #[error("chunk {0} is neither staged nor part of a blob in this store")]
+    ChunkMissing(String),
+    /// A chunk (or a chunk list) refused: bytes that do not hash to their name, or a length
+    /// out of bounds.
+    #[error("chunk refused: {0}")]
+    ChunkInvalid(String),
 }
 
 trait IoContext<T> {
@@ -132,27 +151,175 @@ fn fsync_dir(path: &Path) -> Result<(), BlobError> {
     File::open(path).and_then(|d| d.sync_all()).at(path)
 }
 
+/// `path` with `suffix` appended.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// A temporary name next to `path` that no other call in this process uses, for files that
+/// concurrent calls may write at the same time (chunk locators, staged chunks). Ends in `.tmp`.
+fn unique_tmp(path: &Path) -> PathBuf {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    with_suffix(path, &format!(".{}-{n}.tmp", std::process::id()))
+}
+
 /// Replaces `path` with `bytes` through a temporary file and a rename, so readers see the old
 /// or the new contents, never a mix; with `sync`, durably.
 fn write_file(path: &Path, bytes: &[u8], sync: bool) -> Result<(), BlobError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = File::create(&tmp).at(&tmp)?;
-    f.write_all(bytes).at(&tmp)?;
-    if sync {
-        f.sync_data().at(&tmp)?;
+    write_file_via(path, &with_suffix(path, ".tmp"), bytes, sync, None)
+}
+
+/// `write_file` through the temporary file `tmp`; with `mtime`, the file's modification time
+/// is set to it (and fsynced with the file when `sync`).
+fn write_file_via(
+    path: &Path,
+    tmp: &Path,
+    bytes: &[u8],
+    sync: bool,
+    mtime: Option<SystemTime>,
+) -> Result<(), BlobError> {
+    let written = (|| {
+        let mut f = File::create(tmp).at(tmp)?;
+        f.write_all(bytes).at(tmp)?;
+        if let Some(t) = mtime {
+            f.set_modified(t).at(tmp)?;
+        }
+        if sync {
+            if mtime.is_some() {
+                f.sync_all().at(tmp)?;
+            } else {
+                f.sync_data().at(tmp)?;
+            }
+        }
+        fs::rename(tmp, path).at(path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(tmp);
     }
-    fs::rename(&tmp, path).at(path)?;
+    written?;
     if sync {
         fsync_dir(path.parent().expect("file path has a parent"))?;
     }
     Ok(())
 }
 
+/// Creates directory `dir` (whose parent exists) if missing; a new one is made durable in its
+/// parent.
+fn ensure_dir_durable(dir: &Path) -> Result<(), BlobError> {
+    match fs::create_dir(dir) {
+        Ok(()) => fsync_dir(dir.parent().expect("directory has a parent")),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(BlobError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// Removes `path`; a file already gone is not an error.
+fn remove_if_present(path: &Path) -> Result<(), BlobError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(BlobError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// A time in milliseconds since the Unix epoch as a `SystemTime` (`None` if unrepresentable).
+fn system_time_of_ms(ms: u64) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms))
+}
+
+/// Checks a chunk received from another region before it is kept: at most `CHUNK_BYTES_MAX`
+/// bytes, and its BLAKE3 hash is `hash`.
+pub(crate) fn verify_chunk(hash: &[u8; 32], bytes: &[u8]) -> Result<(), BlobError> {
+    if bytes.len() as u64 > CHUNK_BYTES_MAX {
+        return Err(BlobError::ChunkInvalid(format!(
+            "chunk {} has {} bytes, more than the {CHUNK_BYTES_MAX} a chunk may have",
+            hex::encode(hash),
+            bytes.len()
+        )));
+    }
+    let actual = blake3::hash(bytes);
+    if actual.as_bytes() != hash {
+        return Err(BlobError::ChunkInvalid(format!(
+            "bytes named {} hash to {}",
+            hex::encode(hash),
+            actual.to_hex()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a chunk list a blob is to be assembled from before anything is read: each chunk is
+/// within `CHUNK_BYTES_MAX` and the lengths add up to `size_bytes`.
+pub(crate) fn verify_chunk_list(
+    d: &Digest,
+    size_bytes: u64,
+    chunks: &[ChunkRef],
+) -> Result<(), BlobError> {
+    if let Some(c) = chunks.iter().find(|c| c.len_bytes as u64 > CHUNK_BYTES_MAX) {
+        return Err(BlobError::ChunkInvalid(format!(
+            "chunk {} of {d} claims {} bytes, more than the {CHUNK_BYTES_MAX} a chunk may have",
+            hex::encode(c.hash),
+            c.len_bytes
+        )));
+    }
+    let total: u64 = chunks.iter().map(|c| c.len_bytes as u64).sum();
+    if total != size_bytes {
+        return Err(BlobError::ChunkInvalid(format!(
+            "the chunks of {d} add up to {total} bytes, the blob has {size_bytes}"
+        )));
+    }
+    Ok(())
+}
+
+/// Where a committed blob holds a chunk: the contents of a chunk locator file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChunkLocation {
+    digest: Digest,
+    offset: u64,
+    len_bytes: u32,
+}
+
+impl ChunkLocation {
+    fn encode(&self) -> String {
+        format!("{} {} {}\n", self.digest, self.offset, self.len_bytes)
+    }
+
+    /// Parses a locator file; `None` if malformed (never panics).
+    fn decode(raw: &[u8]) -> Option<ChunkLocation> {
+        let text = std::str::from_utf8(raw).ok()?;
+        let mut parts = text.trim_end_matches('\n').split(' ');
+        let digest = Digest::parse(parts.next()?).ok()?;
+        let offset = parts.next()?.parse().ok()?;
+        let len_bytes = parts.next()?.parse().ok()?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(ChunkLocation {
+            digest,
+            offset,
+            len_bytes,
+        })
+    }
+}
+
 impl BlobStore {
     pub fn open(root: &Path) -> Result<BlobStore, BlobError> {
-        for sub in ["blobs/sha256", "blobs/sha512", "uploads"] {
+        for sub in [
+            "blobs/sha256",
+            "blobs/sha512",
+            "uploads",
+            "chunk-locs",
+            "staged",
+        ] {
             let p = root.join(sub);
             fs::create_dir_all(&p).at(&p)?;
         }
@@ -173,6 +340,20 @@ impl BlobStore {
         let mut p = self.blob_path(d).into_os_string();
         p.push(".chunks");
         PathBuf::from(p)
+    }
+
+    /// `<root>/<dir>/<hex[0..2]>/<hex>` for a chunk hash.
+    fn chunk_file(&self, dir: &str, hash: &[u8; 32]) -> PathBuf {
+        let hex = hex::encode(hash);
+        self.root.join(dir).join(&hex[..2]).join(hex)
+    }
+
+    fn locator_path(&self, hash: &[u8; 32]) -> PathBuf {
+        self.chunk_file("chunk-locs", hash)
+    }
+
+    fn staged_path(&self, hash: &[u8; 32]) -> PathBuf {
+        self.chunk_file("staged", hash)
     }
 
     fn upload_dir(&self, id: &str) -> Result<PathBuf, BlobError> {
@@ -224,7 +405,288 @@ impl BlobStore {
         }
         let chunks = chunker.finish();
         write_file(&p, &keys::encode(&chunks), false)?;
+        // The locators were written with the index and may be lost with it.
+        self.record_locations(d, &chunks);
         Ok(chunks)
+    }
+
+    /// Points the chunk locator of each chunk of blob `d` at `d`, unless it already names a
+    /// blob that is still here. Best effort: locators are derived data (unsynced; one lost or
+    /// stale only means the chunk is shipped again), so a failure is logged, not returned.
+    fn record_locations(&self, d: &Digest, chunks: &[ChunkRef]) {
+        let mut offset = 0u64;
+        for c in chunks {
+            let loc = ChunkLocation {
+                digest: d.clone(),
+                offset,
+                len_bytes: c.len_bytes,
+            };
+            offset += c.len_bytes as u64;
+            if let Err(e) = self.record_location(&c.hash, &loc) {
+                tracing::warn!(digest = %d, error = %e, "chunk locators not written; those chunks may be shipped again");
+                return;
+            }
+        }
+    }
+
+    fn record_location(&self, hash: &[u8; 32], loc: &ChunkLocation) -> Result<(), BlobError> {
+        let path = self.locator_path(hash);
+        if let Ok(raw) = fs::read(&path) {
+            if ChunkLocation::decode(&raw).is_some_and(|l| self.location_live(&l)) {
+                return Ok(());
+            }
+        }
+        let parent = path.parent().expect("locator path has a parent");
+        fs::create_dir_all(parent).at(parent)?;
+        write_file_via(
+            &path,
+            &unique_tmp(&path),
+            loc.encode().as_bytes(),
+            false,
+            None,
+        )
+    }
+
+    /// Whether the blob a locator names is still here and long enough to hold the chunk.
+    fn location_live(&self, l: &ChunkLocation) -> bool {
+        let end = l.offset.checked_add(l.len_bytes as u64);
+        matches!((end, self.blob_len(&l.digest)), (Some(end), Some(size)) if end <= size)
+    }
+
+    /// Removes a locator found stale or malformed, unless it changed since it was read as
+    /// `seen` (an install may just have pointed it at another blob).
+    fn drop_locator(&self, path: &Path, seen: &[u8], why: &str) {
+        tracing::debug!(path = %path.display(), why, "dropping chunk locator");
+        if fs::read(path).is_ok_and(|now| now == seen) {
+            if let Err(e) = remove_if_present(path) {
+                tracing::warn!(error = %e, "stale chunk locator not removed");
+            }
+        }
+    }
+
+    /// The bytes of the chunk with this BLAKE3 hash and length: a staged chunk first, else
+    /// read from the committed blob its locator names. Verified against `hash` before they are
+    /// returned; `None` if absent (a stale or malformed locator is removed on the way).
+    pub fn chunk_bytes(
+        &self,
+        hash: &[u8; 32],
+        len_bytes: u32,
+    ) -> Result<Option<bytes::Bytes>, BlobError> {
+        if len_bytes as u64 > CHUNK_BYTES_MAX {
+            return Ok(None);
+        }
+        if let Some(b) = self.staged_chunk(hash, len_bytes)? {
+            return Ok(Some(b));
+        }
+        self.located_chunk(hash, len_bytes)
+    }
+
+    fn staged_chunk(
+        &self,
+        hash: &[u8; 32],
+        len_bytes: u32,
+    ) -> Result<Option<bytes::Bytes>, BlobError> {
+        let path = self.staged_path(hash);
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(BlobError::Io { path, source: e }),
+        };
+        if f.metadata().at(&path)?.len() != len_bytes as u64 {
+            // Not the chunk asked for (another length under the same name).
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; len_bytes as usize];
+        f.read_exact(&mut buf).at(&path)?;
+        if blake3::hash(&buf).as_bytes() != hash {
+            tracing::warn!(path = %path.display(), "staged chunk does not match its name; removing it");
+            remove_if_present(&path)?;
+            return Ok(None);
+        }
+        Ok(Some(bytes::Bytes::from(buf)))
+    }
+
+    fn located_chunk(
+        &self,
+        hash: &[u8; 32],
+        len_bytes: u32,
+    ) -> Result<Option<bytes::Bytes>, BlobError> {
+        let path = self.locator_path(hash);
+        let raw = match fs::read(&path) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(BlobError::Io { path, source: e }),
+        };
+        let Some(loc) = ChunkLocation::decode(&raw) else {
+            self.drop_locator(&path, &raw, "malformed");
+            return Ok(None);
+        };
+        if loc.len_bytes != len_bytes {
+            return Ok(None);
+        }
+        let bp = self.blob_path(&loc.digest);
+        let f = match File::open(&bp) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.drop_locator(&path, &raw, "its blob is gone");
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(BlobError::Io {
+                    path: bp,
+                    source: e,
+                })
+            }
+        };
+        let size = f.metadata().at(&bp)?.len();
+        if loc
+            .offset
+            .checked_add(len_bytes as u64)
+            .is_none_or(|end| end > size)
+        {
+            self.drop_locator(&path, &raw, "it points past the end of its blob");
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; len_bytes as usize];
+        f.read_exact_at(&mut buf, loc.offset).at(&bp)?;
+        if blake3::hash(&buf).as_bytes() != hash {
+            self.drop_locator(&path, &raw, "the bytes it points at do not match");
+            return Ok(None);
+        }
+        Ok(Some(bytes::Bytes::from(buf)))
+    }
+
+    /// Keeps a chunk received from another region until a blob is assembled from it:
+    /// verified (`ChunkInvalid` if the bytes do not hash to `hash` or exceed
+    /// `CHUNK_BYTES_MAX`), written to a temporary name, dated `now_ms` (the file's mtime, which
+    /// `expire_staged` reads), fsynced, renamed into place, directory fsynced. Idempotent:
+    /// staging a chunk again rewrites it and renews its date.
+    pub fn stage_chunk(&self, hash: &[u8; 32], bytes: &[u8], now_ms: u64) -> Result<(), BlobError> {
+        verify_chunk(hash, bytes)?;
+        let path = self.staged_path(hash);
+        ensure_dir_durable(path.parent().expect("staged path has a parent"))?;
+        write_file_via(
+            &path,
+            &unique_tmp(&path),
+            bytes,
+            true,
+            system_time_of_ms(now_ms),
+        )
+    }
+
+    /// Assembles blob `d` of `size_bytes` from `chunks` in order, one chunk in memory at a
+    /// time: each chunk from `chunk_bytes` (staged or in a committed blob), streamed into
+    /// `uploads/.assemble-<tmp_id>` while hashing; the digest verified, the file fsynced and
+    /// installed like `put_blob` (chunk index and locators included); then the staged chunks
+    /// used are removed. Nothing is committed on an error. `ChunkInvalid` if the chunk lengths
+    /// do not add up to `size_bytes`, `ChunkMissing` for a chunk not available,
+    /// `DigestMismatch` for bytes that are not `d`. A blob already here is not rewritten.
+    pub fn assemble_blob(
+        &self,
+        d: &Digest,
+        size_bytes: u64,
+        chunks: &[ChunkRef],
+        tmp_id: &str,
+    ) -> Result<StoredBlob, BlobError> {
+        if !valid_upload_id(tmp_id) {
+            return Err(BlobError::BadUploadId);
+        }
+        verify_chunk_list(d, size_bytes, chunks)?;
+        if self.blob_len(d) != Some(size_bytes) {
+            let tmp = self
+                .root
+                .join("uploads")
+                .join(format!(".assemble-{tmp_id}"));
+            let committed = self
+                .write_assembled(&tmp, d, chunks)
+                .and_then(|index| self.install(&tmp, d, &index));
+            if committed.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            committed?;
+        }
+        self.unstage(chunks);
+        Ok(StoredBlob {
+            digest: d.clone(),
+            size_bytes,
+        })
+    }
+
+    /// Writes the chunks into `tmp`, verifies the digest, fsyncs; returns the blob's chunk
+    /// index as this store's chunker cuts it (whatever cuts the sender used).
+    fn write_assembled(
+        &self,
+        tmp: &Path,
+        d: &Digest,
+        chunks: &[ChunkRef],
+    ) -> Result<Vec<ChunkRef>, BlobError> {
+        let mut f = File::create(tmp).at(tmp)?;
+        let mut hasher = DigestHasher::new(d.algorithm());
+        let mut chunker = Chunker::new();
+        for c in chunks {
+            let bytes = self
+                .chunk_bytes(&c.hash, c.len_bytes)?
+                .ok_or_else(|| BlobError::ChunkMissing(hex::encode(c.hash)))?;
+            f.write_all(&bytes).at(tmp)?;
+            hasher.update(&bytes);
+            chunker.update(&bytes);
+        }
+        let actual = hasher.finish();
+        if &actual != d {
+            return Err(BlobError::DigestMismatch {
+                expected: d.clone(),
+                actual,
+            });
+        }
+        f.sync_data().at(tmp)?;
+        Ok(chunker.finish())
+    }
+
+    /// Removes the staged copies of `chunks` (after their blob is committed, the locator finds
+    /// them there). Best effort: a leftover is removed by `expire_staged`.
+    fn unstage(&self, chunks: &[ChunkRef]) {
+        let hashes: std::collections::BTreeSet<[u8; 32]> = chunks.iter().map(|c| c.hash).collect();
+        for h in hashes {
+            if let Err(e) = remove_if_present(&self.staged_path(&h)) {
+                tracing::warn!(error = %e, "staged chunk not removed; expiry will retry");
+            }
+        }
+    }
+
+    /// Removes staged chunks (and temporary files left by a crash while staging) dated
+    /// before `before_ms`, at most `limit`; returns how many. Dates are file mtimes, which
+    /// `stage_chunk` sets to the caller's time; an unreadable date is never old.
+    pub fn expire_staged(&self, before_ms: u64, limit: usize) -> Result<usize, BlobError> {
+        let root = self.root.join("staged");
+        let mut removed = 0;
+        for sub in fs::read_dir(&root).at(&root)? {
+            let sub = sub.at(&root)?.path();
+            if !sub.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(&sub).at(&sub)? {
+                if removed >= limit {
+                    return Ok(removed);
+                }
+                let entry = entry.at(&sub)?;
+                let staged_ms = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(u64::MAX, |d| d.as_millis() as u64);
+                if staged_ms >= before_ms {
+                    continue;
+                }
+                let path = entry.path();
+                match fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(BlobError::Io { path, source: e }),
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Removes a committed blob (GC, or a failed replica write).
@@ -410,7 +872,8 @@ impl BlobStore {
         Ok(stored)
     }
 
-    /// Moves a fully written, fsynced, verified file into place as blob `d`.
+    /// Moves a fully written, fsynced, verified file into place as blob `d`, then points the
+    /// chunk locators of its chunks at it.
     fn install(&self, file: &Path, d: &Digest, chunks: &[ChunkRef]) -> Result<(), BlobError> {
         let final_path = self.blob_path(d);
         let parent = final_path.parent().expect("blob path has a parent");
@@ -419,6 +882,7 @@ impl BlobStore {
         write_file(&self.chunks_path(d), &keys::encode(&chunks.to_vec()), false)?;
         fs::rename(file, &final_path).at(&final_path)?;
         fsync_dir(parent)?;
+        self.record_locations(d, chunks);
         Ok(())
     }
 }
@@ -584,8 +1048,9 @@ impl UploadWriter {
 /// fsync (bytes not yet made durable are lost on a simulated crash).
 ///
 /// To ensure correctness an implementation must: never report a blob it cannot return whole
-/// with exactly the bytes of its digest; make `put_blob` and `finish_upload` durable before
-/// they return; never let an upload's durable offset exceed the bytes durably written.
+/// with exactly the bytes of its digest; make `put_blob`, `finish_upload`, `assemble_blob` and
+/// `stage_chunk` durable before they return; never let an upload's durable offset exceed the
+/// bytes durably written; never return chunk bytes that do not hash to the chunk's name.
 pub trait BlobBackend: Clone + Send + Sync + 'static {
     type Writer: UploadWrite;
     /// Whether calls may block on a disk: the node then runs them off its async threads.
@@ -619,6 +1084,44 @@ pub trait BlobBackend: Clone + Send + Sync + 'static {
     /// Verifies the session's bytes against `expected` and commits them as a blob; the
     /// session is gone afterwards either way.
     fn finish_upload(&self, w: Self::Writer, expected: &Digest) -> Result<StoredBlob, BlobError>;
+
+    // Cross-region shipping by content-defined chunks (see `chunker`): the receiving region
+    // asks `chunk_bytes` which chunks of a blob's index it lacks, stages those it receives,
+    // then assembles the blob from local and staged chunks.
+
+    /// The chunk index of a committed blob, in order (rebuilt from the blob when missing).
+    fn chunk_index(&self, d: &Digest) -> Result<Vec<ChunkRef>, BlobError>;
+    /// The bytes of the chunk with this BLAKE3 hash and length, from any committed blob or
+    /// staged chunk in this store; verified against the hash before they are returned; `None`
+    /// if absent.
+    fn chunk_bytes(
+        &self,
+        hash: &[u8; 32],
+        len_bytes: u32,
+    ) -> Result<Option<bytes::Bytes>, BlobError>;
+    /// Keeps a chunk received from another region until a blob is assembled from it, dated
+    /// `now_ms` for `expire_staged`. Verifies the BLAKE3 hash and the length bound
+    /// `CHUNK_BYTES_MAX` (either wrong: `BlobError::ChunkInvalid`, nothing kept); idempotent
+    /// (staging again renews the date); durable when it returns.
+    fn stage_chunk(&self, hash: &[u8; 32], bytes: &[u8], now_ms: u64) -> Result<(), BlobError>;
+    /// Assembles blob `d` of `size_bytes` from `chunks` in order (each from `chunk_bytes`),
+    /// verifies size and digest, and commits it durably exactly as `put_blob` does (chunk
+    /// index included); removes the staged chunks it used. A chunk not available:
+    /// `BlobError::ChunkMissing(hex)`; chunk lengths not adding up to `size_bytes`:
+    /// `BlobError::ChunkInvalid`; wrong digest: `BlobError::DigestMismatch`, as `put_blob`.
+    /// Nothing is committed on an error; a blob already here is not rewritten. `tmp_id` is
+    /// unique among concurrent calls.
+    fn assemble_blob(
+        &self,
+        d: &Digest,
+        size_bytes: u64,
+        chunks: &[ChunkRef],
+        tmp_id: &str,
+    ) -> Result<StoredBlob, BlobError>;
+    /// Removes staged chunks dated (by `stage_chunk`'s `now_ms`) before `before_ms`: abandoned
+    /// transfers. Bounded: at most `limit` removed per call; returns how many.
+    fn expire_staged(&self, before_ms: u64, limit: usize) -> Result<usize, BlobError>;
+
     /// Extra time each call takes beyond the call itself: zero for real stores; the
     /// simulator's twin reports a slow disk here, and the node waits it out on its clock.
     fn latency(&self) -> std::time::Duration {
@@ -696,6 +1199,36 @@ impl BlobBackend for BlobStore {
     fn finish_upload(&self, w: UploadWriter, expected: &Digest) -> Result<StoredBlob, BlobError> {
         w.finish(expected, self)
     }
+
+    fn chunk_index(&self, d: &Digest) -> Result<Vec<ChunkRef>, BlobError> {
+        BlobStore::chunk_index(self, d)
+    }
+
+    fn chunk_bytes(
+        &self,
+        hash: &[u8; 32],
+        len_bytes: u32,
+    ) -> Result<Option<bytes::Bytes>, BlobError> {
+        BlobStore::chunk_bytes(self, hash, len_bytes)
+    }
+
+    fn stage_chunk(&self, hash: &[u8; 32], bytes: &[u8], now_ms: u64) -> Result<(), BlobError> {
+        BlobStore::stage_chunk(self, hash, bytes, now_ms)
+    }
+
+    fn assemble_blob(
+        &self,
+        d: &Digest,
+        size_bytes: u64,
+        chunks: &[ChunkRef],
+        tmp_id: &str,
+    ) -> Result<StoredBlob, BlobError> {
+        BlobStore::assemble_blob(self, d, size_bytes, chunks, tmp_id)
+    }
+
+    fn expire_staged(&self, before_ms: u64, limit: usize) -> Result<usize, BlobError> {
+        BlobStore::expire_staged(self, before_ms, limit)
+    }
 }
 
 impl UploadWrite for UploadWriter {
@@ -717,7 +1250,7 @@ impl UploadWrite for UploadWriter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn meta() -> UploadMeta {
@@ -822,5 +1355,294 @@ mod tests {
         );
         store.remove_blob(&d).unwrap();
         assert_eq!(store.blob_len(&d), None);
+    }
+
+    /// Deterministic pseudo-random bytes (xorshift64).
+    pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut out = Vec::with_capacity(n + 8);
+        while out.len() < n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+
+    /// Each chunk of `chunks` with the byte range it covers.
+    pub(crate) fn ranges(chunks: &[ChunkRef]) -> Vec<(ChunkRef, std::ops::Range<usize>)> {
+        let mut at = 0usize;
+        chunks
+            .iter()
+            .map(|c| {
+                let r = at..at + c.len_bytes as usize;
+                at = r.end;
+                (*c, r)
+            })
+            .collect()
+    }
+
+    /// The chunk-shipping scenario both stores must pass: a blob committed; a second blob
+    /// sharing all but 100 bytes needs few chunks; those are staged and the blob assembled
+    /// exactly; refusals (wrong hash, missing chunk, wrong digest, inconsistent sizes) commit
+    /// nothing; staged chunks expire by their staging time.
+    pub(crate) fn chunk_shipping_scenario<B: BlobBackend>(store: &B) {
+        // 24 MiB: chunks average 1 MiB (up to 4 MiB), so the one or two a small edit changes
+        // are well under a tenth of the blob.
+        let a = pseudo_random(24 << 20, 42);
+        let da = Digest::sha256_of(&a);
+        store.put_blob(&da, &a, "put-a").unwrap();
+        let index_a = store.chunk_index(&da).unwrap();
+        assert_eq!(index_a, crate::chunker::chunk_all(&a));
+        for (c, r) in ranges(&index_a) {
+            let got = store.chunk_bytes(&c.hash, c.len_bytes).unwrap();
+            assert_eq!(got.as_deref(), Some(&a[r]), "chunk of a committed blob");
+        }
+        // Absent: unknown hash, known hash asked with another length.
+        let c0 = index_a[0];
+        assert_eq!(store.chunk_bytes(&[7u8; 32], 5).unwrap(), None);
+        assert_eq!(store.chunk_bytes(&c0.hash, c0.len_bytes + 1).unwrap(), None);
+        assert_eq!(store.chunk_bytes(&c0.hash, u32::MAX).unwrap(), None);
+
+        // The sender's blob: 100 bytes changed in the middle.
+        let mut b = a.clone();
+        let mid = b.len() / 2;
+        for x in &mut b[mid..mid + 100] {
+            *x ^= 0x5a;
+        }
+        let db = Digest::sha256_of(&b);
+        let size_b = b.len() as u64;
+        let index_b = crate::chunker::chunk_all(&b);
+        let missing: Vec<_> = ranges(&index_b)
+            .into_iter()
+            .filter(|(c, _)| store.chunk_bytes(&c.hash, c.len_bytes).unwrap().is_none())
+            .collect();
+        let missing_bytes: usize = missing.iter().map(|(_, r)| r.len()).sum();
+        assert!(!missing.is_empty());
+        assert!(
+            missing_bytes * 10 < b.len(),
+            "{missing_bytes} of {} bytes missing",
+            b.len()
+        );
+
+        // Assembling before the missing chunks arrive: refused, nothing committed.
+        let first_missing = hex::encode(missing[0].0.hash);
+        assert!(matches!(
+            store.assemble_blob(&db, size_b, &index_b, "asm-1"),
+            Err(BlobError::ChunkMissing(h)) if h == first_missing
+        ));
+        assert_eq!(store.blob_len(&db), None);
+
+        // A chunk whose bytes do not match its name is refused.
+        let (c, r) = missing[0].clone();
+        let mut bad = b[r.clone()].to_vec();
+        bad[0] ^= 1;
+        assert!(matches!(
+            store.stage_chunk(&c.hash, &bad, 1_000),
+            Err(BlobError::ChunkInvalid(_))
+        ));
+        assert_eq!(store.chunk_bytes(&c.hash, c.len_bytes).unwrap(), None);
+
+        // Stage the missing chunks (twice: idempotent).
+        for (c, r) in &missing {
+            store.stage_chunk(&c.hash, &b[r.clone()], 1_000).unwrap();
+            store.stage_chunk(&c.hash, &b[r.clone()], 1_000).unwrap();
+            let got = store.chunk_bytes(&c.hash, c.len_bytes).unwrap();
+            assert_eq!(got.as_deref(), Some(&b[r.clone()]), "staged chunk");
+        }
+
+        // The wrong digest: refused like put_blob, nothing committed, staged chunks kept.
+        let wrong = Digest::sha256_of(b"not b");
+        assert!(matches!(
+            store.assemble_blob(&wrong, size_b, &index_b, "asm-2"),
+            Err(BlobError::DigestMismatch { expected, actual }) if expected == wrong && actual == db
+        ));
+        assert_eq!(store.blob_len(&wrong), None);
+        assert_eq!(store.blob_len(&db), None);
+        // Chunk lengths that do not add up to the size.
+        assert!(matches!(
+            store.assemble_blob(&db, size_b + 1, &index_b, "asm-3"),
+            Err(BlobError::ChunkInvalid(_))
+        ));
+        assert!(matches!(
+            store.assemble_blob(&db, size_b, &index_b, "../x"),
+            Err(BlobError::BadUploadId)
+        ));
+        assert_eq!(store.blob_len(&db), None);
+
+        // Assembled exactly, with its chunk index; the staged copies are gone, the chunks
+        // are found in the new blob.
+        let stored = store.assemble_blob(&db, size_b, &index_b, "asm-4").unwrap();
+        assert_eq!(
+            stored,
+            StoredBlob {
+                digest: db.clone(),
+                size_bytes: size_b
+            }
+        );
+        let read = store.read_blob(&db).unwrap();
+        assert!(read[..] == b[..], "assembled blob differs");
+        assert_eq!(Digest::sha256_of(&read), db);
+        assert_eq!(store.chunk_index(&db).unwrap(), index_b);
+        assert_eq!(store.expire_staged(u64::MAX, usize::MAX).unwrap(), 0);
+        for (c, r) in &missing {
+            let got = store.chunk_bytes(&c.hash, c.len_bytes).unwrap();
+            assert_eq!(
+                got.as_deref(),
+                Some(&b[r.clone()]),
+                "chunk of the assembled blob"
+            );
+        }
+        // Again: the blob is here, nothing to do.
+        store.assemble_blob(&db, size_b, &index_b, "asm-5").unwrap();
+
+        // Abandoned transfers expire by staging time, at most `limit` per call.
+        let staged: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(1000, 2 * i + 101)).collect();
+        let hashes: Vec<[u8; 32]> = staged.iter().map(|s| *blake3::hash(s).as_bytes()).collect();
+        for (i, s) in staged.iter().enumerate() {
+            store
+                .stage_chunk(&hashes[i], s, 1_000 * (i as u64 + 1))
+                .unwrap();
+        }
+        assert_eq!(store.expire_staged(2_500, 1).unwrap(), 1);
+        assert_eq!(store.expire_staged(2_500, 10).unwrap(), 1);
+        assert_eq!(store.expire_staged(2_500, 10).unwrap(), 0);
+        for (i, s) in staged.iter().enumerate() {
+            let got = store.chunk_bytes(&hashes[i], 1000).unwrap();
+            let expect = (i == 2).then_some(&s[..]);
+            assert_eq!(got.as_deref(), expect, "staged chunk {i}");
+        }
+        // Staging again renews the date.
+        store.stage_chunk(&hashes[2], &staged[2], 9_000).unwrap();
+        assert_eq!(store.expire_staged(5_000, 10).unwrap(), 0);
+        assert_eq!(store.expire_staged(9_001, 0).unwrap(), 0);
+        assert_eq!(store.expire_staged(9_001, 10).unwrap(), 1);
+
+        // A stale locator (its blob removed) finds nothing.
+        store.remove_blob(&da).unwrap();
+        let only_in_a = index_a
+            .iter()
+            .find(|c| !index_b.contains(c))
+            .expect("a chunk of a that b does not share");
+        assert_eq!(
+            store
+                .chunk_bytes(&only_in_a.hash, only_in_a.len_bytes)
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn chunk_shipping() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        chunk_shipping_scenario(&store);
+        // Nothing left behind: no temporary files, no staged chunks.
+        let uploads: Vec<_> = fs::read_dir(dir.path().join("uploads")).unwrap().collect();
+        assert!(uploads.is_empty(), "{uploads:?}");
+        for sub in fs::read_dir(dir.path().join("staged")).unwrap() {
+            let left: Vec<_> = fs::read_dir(sub.unwrap().path()).unwrap().collect();
+            assert!(left.is_empty(), "{left:?}");
+        }
+    }
+
+    #[test]
+    fn uploads_write_chunk_locators() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let data = pseudo_random(3 << 20, 5);
+        let mut w = store.create_upload("u", meta(), 1).unwrap();
+        w.write(&data).unwrap();
+        let d = Digest::sha256_of(&data);
+        w.finish(&d, &store).unwrap();
+        for (c, r) in ranges(&store.chunk_index(&d).unwrap()) {
+            let got = store.chunk_bytes(&c.hash, c.len_bytes).unwrap();
+            assert_eq!(got.as_deref(), Some(&data[r]));
+        }
+    }
+
+    #[test]
+    fn stale_and_malformed_locators() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let a = pseudo_random(2 << 20, 1);
+        let da = Digest::sha256_of(&a);
+        store.put_blob(&da, &a, "a").unwrap();
+        let c = store.chunk_index(&da).unwrap()[0];
+        let loc = store.locator_path(&c.hash);
+        let good = fs::read(&loc).unwrap();
+        assert_eq!(
+            ChunkLocation::decode(&good),
+            Some(ChunkLocation {
+                digest: da.clone(),
+                offset: 0,
+                len_bytes: c.len_bytes
+            })
+        );
+
+        // Malformed locators: no panic, nothing found, the file is dropped.
+        let huge = format!("{da} {} {}\n", u64::MAX, c.len_bytes);
+        let past_end = format!("{da} {} {}\n", a.len(), c.len_bytes);
+        let misplaced = format!("{da} 1 {}\n", c.len_bytes);
+        for junk in [
+            &b""[..],
+            b"not a locator",
+            b"sha256:zz 1 2",
+            &[0xff, 0xfe, 0x00],
+            huge.as_bytes(),
+            past_end.as_bytes(),
+            misplaced.as_bytes(),
+        ] {
+            fs::write(&loc, junk).unwrap();
+            assert_eq!(store.chunk_bytes(&c.hash, c.len_bytes).unwrap(), None);
+            assert!(!loc.exists(), "{:?} kept", String::from_utf8_lossy(junk));
+        }
+
+        // A locator left pointing at a removed blob is repointed when a blob sharing the
+        // chunk is installed (b starts with a's first chunk, so its first cut is the same).
+        fs::write(&loc, &good).unwrap();
+        store.remove_blob(&da).unwrap();
+        let mut b = a[..c.len_bytes as usize].to_vec();
+        b.extend_from_slice(&pseudo_random(1 << 20, 9));
+        let db = Digest::sha256_of(&b);
+        store.put_blob(&db, &b, "b").unwrap();
+        assert_eq!(store.chunk_index(&db).unwrap()[0], c);
+        let got = store.chunk_bytes(&c.hash, c.len_bytes).unwrap();
+        assert_eq!(got.as_deref(), Some(&a[..c.len_bytes as usize]));
+
+        // A stale locator (blob removed) finds nothing and is dropped.
+        store.remove_blob(&db).unwrap();
+        assert_eq!(store.chunk_bytes(&c.hash, c.len_bytes).unwrap(), None);
+        assert!(!loc.exists());
+
+        // A lost locator is written again when the chunk index is rebuilt.
+        store.put_blob(&da, &a, "a2").unwrap();
+        fs::remove_file(&loc).unwrap();
+        fs::remove_file(store.chunks_path(&da)).unwrap();
+        store.chunk_index(&da).unwrap();
+        assert!(store.chunk_bytes(&c.hash, c.len_bytes).unwrap().is_some());
+    }
+
+    #[test]
+    fn corrupt_staged_chunk_is_not_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let bytes = pseudo_random(5000, 3);
+        let hash = *blake3::hash(&bytes).as_bytes();
+        store.stage_chunk(&hash, &bytes, 1).unwrap();
+        let path = store.staged_path(&hash);
+        let mut rotten = bytes.clone();
+        rotten[10] ^= 1;
+        fs::write(&path, &rotten).unwrap();
+        assert_eq!(store.chunk_bytes(&hash, 5000).unwrap(), None);
+        assert!(!path.exists());
+        // Oversized chunks are refused before hashing matters.
+        let big = vec![0u8; CHUNK_BYTES_MAX as usize + 1];
+        assert!(matches!(
+            store.stage_chunk(blake3::hash(&big).as_bytes(), &big, 1),
+            Err(BlobError::ChunkInvalid(_))
+        ));
     }
 }

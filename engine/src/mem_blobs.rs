@@ -1,9 +1,11 @@
 //! The in-memory twin of the blob store, for the simulator. It keeps the same promises as
 //! `BlobStore` and models what a crash does to a disk: a committed blob is durable (it was
-//! fsynced before `put_blob`/`finish_upload` returned); an upload keeps only the bytes of its
-//! last checkpoint, and one never checkpointed may vanish.
+//! fsynced before `put_blob`/`finish_upload`/`assemble_blob` returned); a staged chunk is
+//! durable (fsynced before `stage_chunk` returned); an upload keeps only the bytes of its last
+//! checkpoint, and one never checkpointed may vanish.
 //!
-//! Owns: the durable/live split of upload bytes, injected disk failures.
+//! Owns: the durable/live split of upload bytes, injected disk failures, the chunk index and
+//! chunk locator of committed blobs, staged chunks.
 //! Never: sleeps or reads a clock — slow disks are modelled by the caller.
 
 use std::collections::BTreeMap;
@@ -12,8 +14,10 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use crate::blob_store::{
-    valid_upload_id, BlobBackend, BlobError, StoredBlob, UploadMeta, UploadWrite,
+    valid_upload_id, verify_chunk, verify_chunk_list, BlobBackend, BlobError, StoredBlob,
+    UploadMeta, UploadWrite,
 };
+use crate::chunker::{chunk_all, ChunkRef, CHUNK_BYTES_MAX};
 use crate::digest::Digest;
 
 /// In-memory blob store; clones share one store (one node's disk).
@@ -25,6 +29,13 @@ pub struct MemBlobStore {
 #[derive(Default)]
 struct Inner {
     blobs: BTreeMap<Digest, Bytes>,
+    /// The chunk index of each committed blob (the file store's `.chunks`).
+    chunk_indexes: BTreeMap<Digest, Vec<ChunkRef>>,
+    /// Chunk locator: a committed blob holding each chunk, at (offset, length). Filled on
+    /// commit; an entry goes stale when its blob is removed and is dropped when found so.
+    chunk_locs: BTreeMap<[u8; 32], (Digest, u64, u32)>,
+    /// Chunks received from another region, with the time they were staged (durable).
+    staged: BTreeMap<[u8; 32], (Bytes, u64)>,
     uploads: BTreeMap<String, Upload>,
     /// While set, every write fails (a full or failing disk).
     failing: Option<String>,
@@ -51,6 +62,38 @@ fn injected(what: &str, reason: &str) -> BlobError {
     }
 }
 
+impl Inner {
+    /// Commits `bytes` as blob `d` with its chunk index (unless it is already here) and points
+    /// the locator of each chunk at it, unless the entry already names a blob still here.
+    fn commit(&mut self, d: &Digest, bytes: Bytes, chunks: Vec<ChunkRef>) {
+        if self.blobs.contains_key(d) {
+            return;
+        }
+        self.blobs.insert(d.clone(), bytes);
+        let mut offset = 0u64;
+        for c in &chunks {
+            let live = self.chunk_locs.get(&c.hash).is_some_and(|(ld, lo, ll)| {
+                self.blobs
+                    .get(ld)
+                    .is_some_and(|b| lo.saturating_add(*ll as u64) <= b.len() as u64)
+            });
+            if !live {
+                self.chunk_locs
+                    .insert(c.hash, (d.clone(), offset, c.len_bytes));
+            }
+            offset += c.len_bytes as u64;
+        }
+        self.chunk_indexes.insert(d.clone(), chunks);
+    }
+
+    /// Drops the staged copies of `chunks`.
+    fn unstage(&mut self, chunks: &[ChunkRef]) {
+        for c in chunks {
+            self.staged.remove(&c.hash);
+        }
+    }
+}
+
 impl MemBlobStore {
     pub fn new() -> MemBlobStore {
         MemBlobStore::default()
@@ -61,7 +104,8 @@ impl MemBlobStore {
     }
 
     /// Simulated crash: uploads fall back to their last checkpoint; sessions never
-    /// checkpointed are gone; committed blobs stay.
+    /// checkpointed are gone; committed blobs (with their chunk index and locator entries)
+    /// and staged chunks stay: both were durable when the call that made them returned.
     pub fn crash(&self) {
         let mut g = self.lock();
         g.generation += 1;
@@ -89,6 +133,11 @@ impl MemBlobStore {
     /// Digests of every committed blob, in order.
     pub fn digests(&self) -> Vec<Digest> {
         self.lock().blobs.keys().cloned().collect()
+    }
+
+    /// Number of staged chunks.
+    pub fn staged_chunks(&self) -> usize {
+        self.lock().staged.len()
     }
 
     /// Number of open upload sessions.
@@ -186,6 +235,8 @@ impl BlobBackend for MemBlobStore {
         let mut g = self.lock();
         Self::check_writable(&g, "remove")?;
         g.blobs.remove(d);
+        // Locator entries pointing at it go stale and are dropped when next looked up.
+        g.chunk_indexes.remove(d);
         Ok(())
     }
 
@@ -196,11 +247,14 @@ impl BlobBackend for MemBlobStore {
         tmp_id: &str,
     ) -> Result<StoredBlob, BlobError> {
         let stored = crate::blob_store::verify_whole_blob(expected, bytes, tmp_id)?;
+        // Chunked outside the lock, and only for a blob not already here.
+        let chunks = (!self.lock().blobs.contains_key(expected)).then(|| chunk_all(bytes));
         let mut g = self.lock();
         Self::check_writable(&g, tmp_id)?;
-        g.blobs
-            .entry(stored.digest.clone())
-            .or_insert_with(|| Bytes::copy_from_slice(bytes));
+        if !g.blobs.contains_key(expected) {
+            let chunks = chunks.unwrap_or_else(|| chunk_all(bytes));
+            g.commit(expected, Bytes::copy_from_slice(bytes), chunks);
+        }
         Ok(stored)
     }
 
@@ -287,9 +341,14 @@ impl BlobBackend for MemBlobStore {
             u.data.truncate(w.offset as usize);
             Ok(std::mem::take(&mut u.data))
         })?;
+        let actual = Digest::of(expected.algorithm(), &data);
+        let chunks = if &actual == expected {
+            chunk_all(&data)
+        } else {
+            Vec::new()
+        };
         let mut g = self.lock();
         g.uploads.remove(&w.id);
-        let actual = Digest::of(expected.algorithm(), &data);
         if &actual != expected {
             return Err(BlobError::DigestMismatch {
                 expected: expected.clone(),
@@ -297,11 +356,134 @@ impl BlobBackend for MemBlobStore {
             });
         }
         let size_bytes = data.len() as u64;
-        g.blobs.entry(actual.clone()).or_insert(Bytes::from(data));
+        g.commit(&actual, Bytes::from(data), chunks);
         Ok(StoredBlob {
             digest: actual,
             size_bytes,
         })
+    }
+
+    fn chunk_index(&self, d: &Digest) -> Result<Vec<ChunkRef>, BlobError> {
+        let mut g = self.lock();
+        let blob = g
+            .blobs
+            .get(d)
+            .cloned()
+            .ok_or_else(|| BlobError::BlobUnknown(d.clone()))?;
+        if let Some(chunks) = g.chunk_indexes.get(d) {
+            if chunks.iter().map(|c| c.len_bytes as u64).sum::<u64>() == blob.len() as u64 {
+                return Ok(chunks.clone());
+            }
+        }
+        let chunks = chunk_all(&blob);
+        if g.failing.is_none() {
+            g.chunk_indexes.insert(d.clone(), chunks.clone());
+        }
+        Ok(chunks)
+    }
+
+    fn chunk_bytes(&self, hash: &[u8; 32], len_bytes: u32) -> Result<Option<Bytes>, BlobError> {
+        if len_bytes as u64 > CHUNK_BYTES_MAX {
+            return Ok(None);
+        }
+        let matches =
+            |b: &Bytes| b.len() == len_bytes as usize && blake3::hash(b).as_bytes() == hash;
+        let mut g = self.lock();
+        if let Some((b, _)) = g.staged.get(hash) {
+            if matches(b) {
+                return Ok(Some(b.clone()));
+            }
+        }
+        let Some((d, offset, len)) = g.chunk_locs.get(hash).cloned() else {
+            return Ok(None);
+        };
+        if len != len_bytes {
+            return Ok(None);
+        }
+        let found = g
+            .blobs
+            .get(&d)
+            .and_then(|b| {
+                let start = usize::try_from(offset).ok()?;
+                let end = start.checked_add(len as usize)?;
+                (end <= b.len()).then(|| b.slice(start..end))
+            })
+            .filter(matches);
+        if found.is_none() && g.failing.is_none() {
+            // Stale (its blob is gone) or wrong: like the file store, drop it.
+            g.chunk_locs.remove(hash);
+        }
+        Ok(found)
+    }
+
+    fn stage_chunk(&self, hash: &[u8; 32], bytes: &[u8], now_ms: u64) -> Result<(), BlobError> {
+        verify_chunk(hash, bytes)?;
+        let mut g = self.lock();
+        Self::check_writable(&g, "stage")?;
+        g.staged
+            .insert(*hash, (Bytes::copy_from_slice(bytes), now_ms));
+        Ok(())
+    }
+
+    fn assemble_blob(
+        &self,
+        d: &Digest,
+        size_bytes: u64,
+        chunks: &[ChunkRef],
+        tmp_id: &str,
+    ) -> Result<StoredBlob, BlobError> {
+        if !valid_upload_id(tmp_id) {
+            return Err(BlobError::BadUploadId);
+        }
+        verify_chunk_list(d, size_bytes, chunks)?;
+        let stored = StoredBlob {
+            digest: d.clone(),
+            size_bytes,
+        };
+        if self.blob_len(d) == Some(size_bytes) {
+            let mut g = self.lock();
+            // Like the file store: dropping the staged copies is best effort.
+            if g.failing.is_none() {
+                g.unstage(chunks);
+            }
+            return Ok(stored);
+        }
+        let mut data = Vec::new();
+        for c in chunks {
+            let bytes = self
+                .chunk_bytes(&c.hash, c.len_bytes)?
+                .ok_or_else(|| BlobError::ChunkMissing(hex::encode(c.hash)))?;
+            data.extend_from_slice(&bytes);
+        }
+        let actual = Digest::of(d.algorithm(), &data);
+        if &actual != d {
+            return Err(BlobError::DigestMismatch {
+                expected: d.clone(),
+                actual,
+            });
+        }
+        let index = chunk_all(&data);
+        let mut g = self.lock();
+        Self::check_writable(&g, tmp_id)?;
+        g.commit(d, Bytes::from(data), index);
+        g.unstage(chunks);
+        Ok(stored)
+    }
+
+    fn expire_staged(&self, before_ms: u64, limit: usize) -> Result<usize, BlobError> {
+        let mut g = self.lock();
+        Self::check_writable(&g, "expire staged")?;
+        let old: Vec<[u8; 32]> = g
+            .staged
+            .iter()
+            .filter(|(_, (_, staged_ms))| *staged_ms < before_ms)
+            .map(|(h, _)| *h)
+            .take(limit)
+            .collect();
+        for h in &old {
+            g.staged.remove(h);
+        }
+        Ok(old.len())
     }
 
     fn latency(&self) -> std::time::Duration {
@@ -367,5 +549,60 @@ mod tests {
         assert!(matches!(r, Err(BlobError::DigestMismatch { .. })));
         assert!(s.digests().is_empty());
         assert_eq!(s.uploads(), 0);
+    }
+
+    #[test]
+    fn chunk_shipping() {
+        let s = MemBlobStore::new();
+        crate::blob_store::tests::chunk_shipping_scenario(&s);
+        assert_eq!(s.staged_chunks(), 0);
+    }
+
+    #[test]
+    fn staged_chunks_survive_crashes_and_a_failing_disk_refuses_chunk_writes() {
+        let s = MemBlobStore::new();
+        let data = crate::blob_store::tests::pseudo_random(3 << 20, 17);
+        let d = Digest::sha256_of(&data);
+        let index = chunk_all(&data);
+        let parts = crate::blob_store::tests::ranges(&index);
+        for (c, r) in &parts {
+            s.stage_chunk(&c.hash, &data[r.clone()], 5).unwrap();
+        }
+        s.crash();
+        assert_eq!(s.staged_chunks(), parts.len());
+        let (c0, r0) = &parts[0];
+        assert_eq!(
+            s.chunk_bytes(&c0.hash, c0.len_bytes).unwrap().as_deref(),
+            Some(&data[r0.clone()])
+        );
+
+        s.set_failing(Some("disk full".into()));
+        assert!(matches!(
+            s.stage_chunk(blake3::hash(b"x").as_bytes(), b"x", 5),
+            Err(BlobError::Io { .. })
+        ));
+        assert!(matches!(
+            s.assemble_blob(&d, data.len() as u64, &index, "t"),
+            Err(BlobError::Io { .. })
+        ));
+        assert!(matches!(
+            s.expire_staged(u64::MAX, 10),
+            Err(BlobError::Io { .. })
+        ));
+        assert!(s.digests().is_empty());
+        assert_eq!(s.staged_chunks(), parts.len());
+
+        s.set_failing(None);
+        s.assemble_blob(&d, data.len() as u64, &index, "t").unwrap();
+        assert_eq!(s.staged_chunks(), 0);
+        s.crash();
+        assert_eq!(s.read_blob(&d).unwrap(), Bytes::from(data.clone()));
+        assert_eq!(s.chunk_index(&d).unwrap(), index);
+        for (c, r) in &parts {
+            assert_eq!(
+                s.chunk_bytes(&c.hash, c.len_bytes).unwrap().as_deref(),
+                Some(&data[r.clone()])
+            );
+        }
     }
 }

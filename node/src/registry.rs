@@ -148,7 +148,10 @@ fn blob_err(e: BlobError) -> ApiError {
             ApiError::DigestInvalid(format!("content is {actual}, the client said {expected}"))
         }
         BlobError::BlobUnknown(d) => ApiError::BlobUnknown(d),
-        e @ (BlobError::Io { .. } | BlobError::CorruptState { .. }) => internal(e),
+        e @ (BlobError::Io { .. }
+        | BlobError::CorruptState { .. }
+        | BlobError::ChunkMissing(_)
+        | BlobError::ChunkInvalid(_)) => internal(e),
     }
 }
 
