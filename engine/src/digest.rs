@@ -52,11 +52,27 @@ pub enum DigestError {
     BadHex,
 }
 
-/// A validated OCI digest. The encoded part is stored as lowercase hex.
+/// A validated OCI digest. The encoded part is stored as lowercase hex. Deserializing
+/// validates too (a digest from a peer names files).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "DigestRepr")]
 pub struct Digest {
     algorithm: Algorithm,
     hex: String,
+}
+
+/// `Digest`'s encoded shape, checked before it becomes a `Digest`.
+#[derive(Deserialize)]
+struct DigestRepr {
+    algorithm: Algorithm,
+    hex: String,
+}
+
+impl TryFrom<DigestRepr> for Digest {
+    type Error = DigestError;
+    fn try_from(r: DigestRepr) -> Result<Digest, DigestError> {
+        Digest::parse(&format!("{}:{}", r.algorithm.name(), r.hex))
+    }
 }
 
 impl Digest {

@@ -37,7 +37,15 @@ pub enum NameError {
 
 /// A repository name in the OCI grammar, e.g. `team/app/web`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub struct RepoName(String);
+
+impl TryFrom<String> for RepoName {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<RepoName, NameError> {
+        RepoName::parse(&s)
+    }
+}
 
 fn is_lower_alnum(b: u8) -> bool {
     b.is_ascii_lowercase() || b.is_ascii_digit()
@@ -118,7 +126,15 @@ impl fmt::Debug for RepoName {
 
 /// A tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Tag(String);
+
+impl TryFrom<String> for Tag {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Tag, NameError> {
+        Tag::parse(&s)
+    }
+}
 
 impl Tag {
     pub fn parse(s: &str) -> Result<Tag, NameError> {

@@ -9,6 +9,8 @@
 //! outbox  seq (u64 BE)        OutboxEvent
 //! sm_meta "outbox_seq"        u64: the last sequence number given
 //! sm_meta "repl_cursor/" region "/" acct   u64: events up to here are applied there
+//! sm_meta "repl_dest/" region "/" acct     Destination: named by some event
+//! sm_meta "repl_failure/" region "/" acct  String: why shipping there fails
 //! ```
 //! Owns: which changes become events (the rules at apply time, `PREFIX_MATCH` filters), their
 //! order. Never: ships anything, reads the clock.
@@ -150,6 +152,9 @@ pub fn record<S: KvStore + ?Sized>(
     }
     let seq = last_seq(kv)? + 1;
     batch.put(Cf::SmMeta, OUTBOX_SEQ.to_vec(), keys::encode(&seq));
+    for d in &destinations {
+        batch.put(Cf::SmMeta, dest_key(d), keys::encode(d));
+    }
     if seq > OUTBOX_EVENTS_MAX {
         batch.delete(Cf::Outbox, (seq - OUTBOX_EVENTS_MAX).to_be_bytes().to_vec());
     }
@@ -196,6 +201,31 @@ pub fn events_after<S: KvStore + ?Sized>(
         })
         .collect()
 }
+
+const DEST_PREFIX: &[u8] = b"repl_dest/";
+
+fn dest_key(dest: &Destination) -> Vec<u8> {
+    let mut k = DEST_PREFIX.to_vec();
+    k.extend_from_slice(format!("{}/{}", dest.region, dest.account).as_bytes());
+    k
+}
+
+/// Destinations that ever received an event (each gets a worker), at most
+/// `DESTINATIONS_MAX`.
+pub fn known_destinations<S: KvStore + ?Sized>(kv: &S) -> Result<Vec<Destination>, StateError> {
+    kv.scan(Cf::SmMeta, DEST_PREFIX, DEST_PREFIX, DESTINATIONS_MAX)?
+        .into_iter()
+        .map(|(_, v)| {
+            keys::decode(&v).map_err(|source| StateError::Decode {
+                what: "replication destination",
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Destinations a region ships to at most (each has a worker and a cursor).
+pub const DESTINATIONS_MAX: usize = 256;
 
 fn failure_key(dest: &Destination) -> Vec<u8> {
     format!("repl_failure/{}/{}", dest.region, dest.account).into_bytes()

@@ -41,6 +41,8 @@ pub enum ConfigError {
         "raft timings: need heartbeat_interval_ms ({heartbeat}) < election_timeout_min_ms ({min}) < election_timeout_max_ms ({max})"
     )]
     RaftTimings { heartbeat: u64, min: u64, max: u64 },
+    #[error("replication: {0}")]
+    Replication(String),
     #[error("limits.{field} must be at least {min}, is {value}")]
     Limit {
         field: &'static str,
@@ -57,7 +59,59 @@ pub struct Config {
     pub raft: RaftSection,
     pub cluster: ClusterSection,
     pub auth: AuthSection,
+    pub replication: ReplicationSection,
     pub limits: Limits,
+}
+
+/// Cross-region replication: the other regions this region ships to, reads through from and
+/// redirects clients to. Empty `regions`: a region on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationSection {
+    pub regions: Vec<RemoteRegion>,
+    /// Client networks served best by another region: a blob request from one is redirected
+    /// (307) to that region when it holds the blob.
+    pub client_networks: Vec<ClientNetwork>,
+    /// Delay added to each cross-region message, both ways (WAN emulation on one machine).
+    pub wan_delay_ms: u64,
+    /// How often an idle replication worker looks for new events.
+    pub poll_interval_ms: u64,
+    /// Longest pause between retries of a failing destination.
+    pub retry_max_ms: u64,
+}
+
+impl Default for ReplicationSection {
+    fn default() -> Self {
+        ReplicationSection {
+            regions: Vec::new(),
+            client_networks: Vec::new(),
+            wan_delay_ms: 0,
+            poll_interval_ms: 200,
+            retry_max_ms: 10_000,
+        }
+    }
+}
+
+/// Another region: its name, the CA that signs its nodes, and how to reach them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteRegion {
+    pub name: String,
+    /// PEM file of the region's CA (its `certs/ca.pem`).
+    pub ca: PathBuf,
+    /// Its nodes' QUIC addresses (host:port).
+    pub quic: Vec<String>,
+    /// Its nodes' HTTP endpoints (host:port) for redirected clients.
+    #[serde(default)]
+    pub http: Vec<String>,
+}
+
+/// A client network (`10.1.0.0/16`, `127.0.0.2/32`) and the region that serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientNetwork {
+    pub cidr: String,
+    pub region: String,
 }
 
 /// The bootstrap administrator (root key of the default account), for automation. The
@@ -214,6 +268,7 @@ impl Config {
                 max: rf.election_timeout_max_ms,
             });
         }
+        self.validate_replication()?;
         let l = &self.limits;
         for (field, value, min) in [
             ("manifest_bytes_max", l.manifest_bytes_max, 1024),
@@ -235,6 +290,46 @@ impl Config {
             }
         }
         Ok(self)
+    }
+
+    fn validate_replication(&self) -> Result<(), ConfigError> {
+        let r = &self.replication;
+        let bad = |m: String| Err(ConfigError::Replication(m));
+        if !r.regions.is_empty() && self.cluster.quic_listen.is_empty() {
+            return bad("other regions need cluster.quic_listen and certificates".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for region in &r.regions {
+            if region.name == self.node.region || !names.insert(region.name.as_str()) {
+                return bad(format!(
+                    "region {:?} is this region or listed twice",
+                    region.name
+                ));
+            }
+            if region.quic.is_empty() {
+                return bad(format!("region {:?} lists no quic address", region.name));
+            }
+            for a in region.quic.iter().chain(&region.http) {
+                if a.parse::<SocketAddr>().is_err() {
+                    return bad(format!("region {:?}: {a:?} is not host:port", region.name));
+                }
+            }
+        }
+        for n in &r.client_networks {
+            if crate::georep::parse_cidr(&n.cidr).is_none() {
+                return bad(format!("client network {:?} is not a CIDR", n.cidr));
+            }
+            if n.region != self.node.region && !names.contains(n.region.as_str()) {
+                return bad(format!(
+                    "client network {:?} names unknown region {:?}",
+                    n.cidr, n.region
+                ));
+            }
+        }
+        if r.poll_interval_ms == 0 || r.retry_max_ms == 0 {
+            return bad("poll_interval_ms and retry_max_ms must be at least 1".into());
+        }
+        Ok(())
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {

@@ -25,6 +25,11 @@ pub struct DevCluster {
     pub dir: PathBuf,
     /// First HTTP port (QUIC ports start 1000 above); 0 lets the OS pick every port.
     pub base_port: u16,
+    /// With several regions: replicate the default account between all of them (every
+    /// region to every other).
+    pub replicate: bool,
+    /// Delay added to each cross-region message, both ways.
+    pub wan_delay_ms: u64,
 }
 
 /// One node as written to `cluster.json`.
@@ -49,6 +54,7 @@ fn region_name(r: u32) -> String {
 
 /// One node to start.
 struct NodeSpec<'a> {
+    config: Option<&'a Path>,
     region: &'a str,
     id: u64,
     data_dir: &'a Path,
@@ -58,8 +64,17 @@ struct NodeSpec<'a> {
     join: bool,
 }
 
-fn spawn(exe: &Path, spec: &NodeSpec<'_>) -> Result<(Child, String)> {
+/// A started node: its process, HTTP address, and the administrator key it generated (first
+/// start of a region's first node only).
+struct Started {
+    child: Child,
+    http: String,
+    admin_key: Option<(String, String)>,
+}
+
+fn spawn(exe: &Path, spec: &NodeSpec<'_>) -> Result<Started> {
     let NodeSpec {
+        config,
         region,
         id,
         data_dir,
@@ -82,6 +97,9 @@ fn spawn(exe: &Path, spec: &NodeSpec<'_>) -> Result<(Child, String)> {
     if join {
         cmd.arg("--join");
     }
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
     let mut child = cmd
         .spawn()
         .with_context(|| format!("start node {id} of {region}"))?;
@@ -90,17 +108,33 @@ fn spawn(exe: &Path, spec: &NodeSpec<'_>) -> Result<(Child, String)> {
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         let mut sent = false;
+        let (mut key_id, mut secret) = (None, None);
         while let Some(Ok(line)) = lines.next() {
+            let value = |l: &str, k: &str| {
+                l.trim()
+                    .strip_prefix(k)
+                    .map(|v| v.trim().trim_start_matches('=').trim().to_string())
+            };
+            if let Some(v) = value(&line, "aws_access_key_id") {
+                key_id = Some(v);
+            } else if let Some(v) = value(&line, "aws_secret_access_key") {
+                secret = Some(v);
+            }
             if !sent {
                 if let Some(url) = line.strip_prefix("listening on http://") {
-                    let _ = tx.send(url.trim().to_string());
+                    let key = key_id.clone().zip(secret.clone());
+                    let _ = tx.send((url.trim().to_string(), key));
                     sent = true;
                 }
             }
         }
     });
     match rx.recv_timeout(NODE_START_TIMEOUT) {
-        Ok(http) => Ok((child, http)),
+        Ok((http, admin_key)) => Ok(Started {
+            child,
+            http,
+            admin_key,
+        }),
         Err(_) => {
             let _ = child.kill();
             bail!("node {id} of {region} did not start listening in time")
@@ -186,20 +220,20 @@ impl DevCluster {
         Ok(())
     }
 
-    async fn start(&self, exe: &Path, running: &mut Vec<Running>) -> Result<()> {
+    /// Every node's (HTTP, QUIC) address, region by region. Several regions must know each
+    /// other's addresses before any starts, so with `--base-port 0` free ports are picked
+    /// here (a single region lets each node bind port 0 itself).
+    fn addresses(&self) -> Result<Vec<Vec<(String, String)>>> {
+        let mut out = Vec::new();
         for r in 1..=self.regions {
-            let region = region_name(r);
-            let rdir = self.dir.join(&region);
-            let certs_dir = rdir.join("certs");
-            if !certs_dir.join("ca.pem").exists() {
-                let ids: Vec<u64> = (1..=u64::from(self.nodes)).collect();
-                certs::init(&certs_dir, &region, &ids)?;
-            }
-            let mut first_http = String::new();
+            let mut region = Vec::new();
             for i in 1..=self.nodes {
-                let id = u64::from(i);
-                let (listen, quic) = if self.base_port == 0 {
-                    ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string())
+                if self.base_port == 0 && self.regions == 1 {
+                    region.push(("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string()));
+                } else if self.base_port == 0 {
+                    let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+                    let quic = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+                    region.push((http.to_string(), quic.to_string()));
                 } else {
                     let offset = (r - 1) * self.nodes + (i - 1);
                     let http = u32::from(self.base_port) + offset;
@@ -211,10 +245,69 @@ impl DevCluster {
                             offset + 1
                         );
                     }
-                    (format!("127.0.0.1:{http}"), format!("127.0.0.1:{quic}"))
-                };
+                    region.push((format!("127.0.0.1:{http}"), format!("127.0.0.1:{quic}")));
+                }
+            }
+            out.push(region);
+        }
+        Ok(out)
+    }
+
+    /// The `[replication]` section of region `r`'s nodes: every other region.
+    fn replication_config(&self, r: u32, addrs: &[Vec<(String, String)>]) -> String {
+        let mut text = format!("[replication]\nwan_delay_ms = {}\n", self.wan_delay_ms);
+        for other in (1..=self.regions).filter(|o| *o != r) {
+            let nodes = &addrs[(other - 1) as usize];
+            let list = |f: fn(&(String, String)) -> &String| {
+                nodes
+                    .iter()
+                    .map(|n| format!("{:?}", f(n)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let ca = self
+                .dir
+                .join(region_name(other))
+                .join("certs")
+                .join("ca.pem");
+            text.push_str(&format!(
+                "\n[[replication.regions]]\nname = {:?}\nca = {:?}\nquic = [{}]\nhttp = [{}]\n",
+                region_name(other),
+                ca.display().to_string(),
+                list(|n| &n.1),
+                list(|n| &n.0),
+            ));
+        }
+        text
+    }
+
+    async fn start(&self, exe: &Path, running: &mut Vec<Running>) -> Result<()> {
+        let addrs = self.addresses()?;
+        for r in 1..=self.regions {
+            let certs_dir = self.dir.join(region_name(r)).join("certs");
+            if !certs_dir.join("ca.pem").exists() {
+                let ids: Vec<u64> = (1..=u64::from(self.nodes)).collect();
+                certs::init(&certs_dir, &region_name(r), &ids)?;
+            }
+        }
+        let mut first_nodes = Vec::new();
+        for r in 1..=self.regions {
+            let region = region_name(r);
+            let rdir = self.dir.join(&region);
+            let certs_dir = rdir.join("certs");
+            let config_path = rdir.join("node.toml");
+            let config = (self.regions > 1).then(|| self.replication_config(r, &addrs));
+            if let Some(text) = &config {
+                std::fs::write(&config_path, text)
+                    .with_context(|| format!("write {}", config_path.display()))?;
+            }
+            let mut first_http = String::new();
+            for i in 1..=self.nodes {
+                let id = u64::from(i);
+                let (listen, quic) = addrs[(r - 1) as usize][(i - 1) as usize].clone();
                 let data_dir = rdir.join(format!("node-{id}"));
                 let spec = NodeSpec {
+                    config: config.as_ref().map(|_| config_path.as_path()),
                     region: &region,
                     id,
                     data_dir: &data_dir,
@@ -223,8 +316,9 @@ impl DevCluster {
                     quic: &quic,
                     join: i > 1,
                 };
-                let (child, http) = spawn(exe, &spec)?;
-                let pid = child.id();
+                let started = spawn(exe, &spec)?;
+                let http = started.http.clone();
+                let pid = started.child.id();
                 // Tracked before anything else can fail, so a failed start stops this node too.
                 running.push(Running {
                     entry: NodeEntry {
@@ -235,8 +329,20 @@ impl DevCluster {
                         pid,
                         data_dir,
                     },
-                    child,
+                    child: started.child,
                 });
+                if let Some((key_id, secret)) = &started.admin_key {
+                    let path = rdir.join("admin-key.json");
+                    let text =
+                        serde_json::json!({ "access_key_id": key_id, "secret_access_key": secret });
+                    std::fs::write(&path, text.to_string())
+                        .with_context(|| format!("write {}", path.display()))?;
+                    #[cfg(unix)]
+                    {
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                    }
+                }
                 let quic = quic_of(&http).await?;
                 if let Some(r) = running.last_mut() {
                     r.entry.quic = quic.clone();
@@ -258,7 +364,66 @@ impl DevCluster {
                     }
                 }
             }
+            first_nodes.push((region, first_http, rdir));
         }
+        if self.regions > 1 && self.replicate {
+            for (region, http, rdir) in &first_nodes {
+                self.put_default_rule(region, http, rdir).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replicates the default account from `region` to every other region (unless the
+    /// account already has a replication configuration, e.g. on a restart).
+    async fn put_default_rule(&self, region: &str, http: &str, rdir: &Path) -> Result<()> {
+        let path = rdir.join("admin-key.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("read {} (the region's administrator key)", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).context("parse admin-key.json")?;
+        let (id, secret) = (
+            v["access_key_id"].as_str().unwrap_or_default(),
+            v["secret_access_key"].as_str().unwrap_or_default(),
+        );
+        let target = "AmazonEC2ContainerRegistry_V20150921";
+        let (status, body) = admin_client::signed_call(
+            http,
+            &format!("{target}.DescribeRegistry"),
+            "{}",
+            id,
+            secret,
+        )
+        .await?;
+        if status == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if v["replicationConfiguration"]["rules"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                return Ok(());
+            }
+        }
+        let destinations: Vec<serde_json::Value> = (1..=self.regions)
+            .map(region_name)
+            .filter(|r| r != region)
+            .map(|r| serde_json::json!({ "region": r, "registryId": "000000000000" }))
+            .collect();
+        let body = serde_json::json!({
+            "replicationConfiguration": { "rules": [ { "destinations": destinations } ] }
+        })
+        .to_string();
+        let (status, text) = admin_client::signed_call(
+            http,
+            &format!("{target}.PutReplicationConfiguration"),
+            &body,
+            id,
+            secret,
+        )
+        .await?;
+        if status != 200 {
+            bail!("set the replication rule of {region} ({status}): {text}");
+        }
+        println!("{region}: replicating the default account to every other region");
         Ok(())
     }
 }

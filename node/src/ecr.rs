@@ -115,6 +115,9 @@ fn required(input: &Value, name: &str) -> Result<String, EcrError> {
     string(input, name)?.ok_or_else(|| EcrError::invalid(format!("'{name}' is required")))
 }
 
+/// Outbox events a replication status looks through past the destination's cursor.
+const STATUS_SCAN_MAX: usize = 10_000;
+
 fn repo_name(input: &Value) -> Result<(String, RepoName), EcrError> {
     let s = required(input, "repositoryName")?;
     let r = RepoName::parse(&s).map_err(|e| {
@@ -976,6 +979,85 @@ impl<P: Platform> NodeEcr<P> {
         }
     }
 
+    /// Per destination the rules name: COMPLETE once the destination has applied the
+    /// image's push, FAILED (with the reason) while shipping there fails, IN_PROGRESS while it
+    /// is the next event shipped there, else PENDING.
+    fn describe_image_replication_status(
+        &self,
+        c: &Caller,
+        input: &Value,
+    ) -> Result<Value, EcrError> {
+        use engine::outbox::{self, Change};
+        let acct = target_account(c, input)?;
+        let (name, repo) = repo_name(input)?;
+        self.authorize(c, "ecr:DescribeImageReplicationStatus", acct, Some(&repo))?;
+        self.existing(acct, &name, &repo)?;
+        let id =
+            field(input, "imageId").ok_or_else(|| EcrError::invalid("'imageId' is required"))?;
+        let ids = image_ids(&Value::Array(vec![id.clone()]))?;
+        let (digest, image_id) = match self.resolve(acct, &repo, &ids).pop() {
+            Some(Ok(r)) => r,
+            _ => {
+                return Err(EcrError::new(
+                    "ImageNotFoundException",
+                    format!("the image does not exist in the repository {name}"),
+                ))
+            }
+        };
+        if self
+            .state()
+            .manifest(acct, &repo, &digest)
+            .map_err(state_err)?
+            .is_none()
+        {
+            return Err(EcrError::new(
+                "ImageNotFoundException",
+                format!("the image does not exist in the repository {name}"),
+            ));
+        }
+        let kv = self.registry.kv().clone();
+        let mut statuses = Vec::new();
+        for d in outbox::destinations(kv.as_ref(), acct, &repo).map_err(state_err)? {
+            let cursor = outbox::cursor(kv.as_ref(), &d).map_err(state_err)?;
+            let scanned =
+                outbox::events_after(kv.as_ref(), cursor, STATUS_SCAN_MAX).map_err(state_err)?;
+            let beyond = scanned.len() == STATUS_SCAN_MAX;
+            let pending: Vec<_> = scanned
+                .into_iter()
+                .filter(|e| e.destinations.contains(&d))
+                .collect();
+            let first = pending.first().map(|e| e.seq);
+            let mine = pending.iter().find(|e| {
+                e.account == acct
+                    && e.repo == repo
+                    && matches!(&e.change, Change::ManifestPut { digest: x, .. } if *x == digest)
+            });
+            let failure = outbox::failure(kv.as_ref(), &d).map_err(state_err)?;
+            let mut st = json!({ "region": d.region, "registryId": d.account.to_string() });
+            st["status"] = json!(match (mine, &failure) {
+                // Not among the events scanned: applied, unless more are pending than scanned.
+                (None, _) if beyond => "PENDING",
+                (None, _) => "COMPLETE",
+                (Some(_), Some(f)) => {
+                    st["failureCode"] = json!(f);
+                    "FAILED"
+                }
+                (Some(e), None) if Some(e.seq) == first => "IN_PROGRESS",
+                (Some(_), None) => "PENDING",
+            });
+            statuses.push(st);
+        }
+        let mut out_id = json!({ "imageDigest": digest.to_string() });
+        if let Some(t) = image_id.get("imageTag").filter(|t| !t.is_null()) {
+            out_id["imageTag"] = t.clone();
+        }
+        Ok(json!({
+            "repositoryName": name,
+            "imageId": out_id,
+            "replicationStatuses": statuses,
+        }))
+    }
+
     fn describe_registry(&self, c: &Caller) -> Result<Value, EcrError> {
         let acct = AccountId::parse(&c.account)
             .map_err(|_| EcrError::server("caller account is malformed"))?;
@@ -1247,6 +1329,9 @@ impl<P: Platform> Ecr for NodeEcr<P> {
             }
             "GetAuthorizationToken" => self.authorization_token(caller),
             "DescribeRegistry" => self.describe_registry(caller),
+            "DescribeImageReplicationStatus" => {
+                self.describe_image_replication_status(caller, &input)
+            }
             "PutReplicationConfiguration" => {
                 self.put_replication_configuration(caller, &input).await
             }

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod dev_cluster;
 pub mod ecr;
+pub mod georep;
 pub mod listener;
 pub mod peer;
 pub mod raft;

@@ -54,6 +54,13 @@ enum Cmd {
         /// First HTTP port (QUIC ports are 1000 above); 0 lets the OS pick.
         #[arg(long, default_value_t = 5000)]
         base_port: u16,
+        /// With several regions: do not set up the default rule (every region replicates the
+        /// default account to every other).
+        #[arg(long)]
+        no_replication: bool,
+        /// Delay added to each cross-region message, both ways (WAN emulation).
+        #[arg(long, default_value_t = 0)]
+        wan_delay_ms: u64,
     },
 }
 
@@ -284,6 +291,8 @@ fn main() -> Result<()> {
             nodes,
             dir,
             base_port,
+            no_replication,
+            wan_delay_ms,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -295,6 +304,8 @@ fn main() -> Result<()> {
                     nodes,
                     dir,
                     base_port,
+                    replicate: !no_replication,
+                    wan_delay_ms,
                 }
                 .run(),
             )

@@ -8,12 +8,15 @@ use engine::Digest;
 
 use crate::raft::{NodeId, NodeInfo, Raft};
 use crate::registry::{NodeRegistry, Platform, Production};
-use crate::transport::{BlobBytes, BlobReader, PeerHandler, PeerRequest, PeerResponse};
+use crate::transport::{
+    BlobBytes, BlobReader, GeoRequest, GeoResponse, PeerHandler, PeerRequest, PeerResponse,
+};
 
 /// The node's side of peer traffic. The transport starts before Raft (Raft needs the
 /// transport), so the node is attached once it exists; until then peers are refused.
 pub struct NodePeer<P: Platform = Production> {
     node: OnceLock<(Raft, Arc<NodeRegistry<P>>)>,
+    geo: OnceLock<Arc<crate::georep::Georep<P>>>,
     /// `raft.learner_catch_up_ms`.
     pub catch_up: std::time::Duration,
 }
@@ -22,12 +25,18 @@ impl<P: Platform> NodePeer<P> {
     pub fn new(catch_up: std::time::Duration) -> Self {
         NodePeer {
             node: OnceLock::new(),
+            geo: OnceLock::new(),
             catch_up,
         }
     }
 
     pub fn attach(&self, raft: Raft, registry: Arc<NodeRegistry<P>>) {
         let _ = self.node.set((raft, registry));
+    }
+
+    /// Serves other regions' requests with `geo` (cross-region replication configured).
+    pub fn attach_geo(&self, geo: Arc<crate::georep::Georep<P>>) {
+        let _ = self.geo.set(geo);
     }
 }
 
@@ -129,6 +138,9 @@ impl<P: Platform> PeerHandler for NodePeer<P> {
             PeerRequest::BlobPut { .. } | PeerRequest::BlobGet { .. } => {
                 PeerResponse::Refused("blob transfers are handled by the transport".into())
             }
+            PeerRequest::Geo(_) => {
+                PeerResponse::Refused("cross-region requests come from other regions".into())
+            }
         }
     }
 
@@ -139,6 +151,13 @@ impl<P: Platform> PeerHandler for NodePeer<P> {
         match registry.store_replica(digest, size_bytes, body).await {
             Ok(()) => PeerResponse::BlobStored,
             Err(e) => PeerResponse::Refused(e.to_string()),
+        }
+    }
+
+    async fn handle_geo(&self, from: &str, req: GeoRequest) -> GeoResponse {
+        match self.geo.get() {
+            Some(g) => g.serve(from, req).await,
+            None => GeoResponse::Denied("this region replicates with no other region".into()),
         }
     }
 

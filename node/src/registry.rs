@@ -130,6 +130,26 @@ pub struct NodeRegistry<P: Platform = Production> {
     /// `raft.write_timeout_ms`.
     write_timeout: std::time::Duration,
     pub replication: ReplicationGate,
+    /// Other regions to read through from (cross-region replication configured).
+    read_through: std::sync::OnceLock<Arc<dyn ReadThrough>>,
+}
+
+/// Content this region lacks but another region may send (read-through).
+pub trait ReadThrough: Send + Sync + 'static {
+    /// A manifest, verified, served without being stored.
+    fn manifest<'a>(
+        &'a self,
+        account: AccountId,
+        repo: &'a RepoName,
+        reference: &'a Reference,
+    ) -> futures_util::future::BoxFuture<'a, Option<registry_api::registry::Manifest>>;
+    /// Fetches, verifies, stores and commits a blob into `repo`; whether it was found.
+    fn blob<'a>(
+        &'a self,
+        account: AccountId,
+        repo: &'a RepoName,
+        digest: &'a Digest,
+    ) -> futures_util::future::BoxFuture<'a, Result<bool, ApiError>>;
 }
 
 fn internal<E: std::fmt::Display>(e: E) -> ApiError {
@@ -182,6 +202,7 @@ impl<P: Platform> NodeRegistry<P> {
             replication,
             sessions: std::sync::Mutex::new(HashMap::new()),
             proposals,
+            read_through: std::sync::OnceLock::new(),
         }
     }
 
@@ -202,7 +223,7 @@ impl<P: Platform> NodeRegistry<P> {
         }
     }
 
-    async fn blocking<T: Send + 'static>(
+    pub(crate) async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
@@ -497,6 +518,34 @@ impl<P: Platform> NodeRegistry<P> {
         Ok(())
     }
 
+    /// A committed blob's bytes, fetched from a holder in the region first if this node
+    /// lacks them.
+    pub async fn ensure_local(&self, digest: &Digest) -> Result<Bytes, ApiError> {
+        if let Some(b) = self.local_blob_bytes(digest).await? {
+            return Ok(b);
+        }
+        self.fetch_from_holders(digest).await?;
+        self.local_blob_bytes(digest).await?.ok_or_else(|| {
+            ApiError::Internal(format!("blob {digest} vanished after it was fetched"))
+        })
+    }
+
+    /// Commits a blob received from another region (durable in the local store): copies to
+    /// the region's write quorum, then `BlobCommitted` into `repo`.
+    pub async fn commit_received(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        stored: StoredBlob,
+    ) -> Result<(), ApiError> {
+        self.commit_blob(account, repo, stored).await
+    }
+
+    /// Where a blob or manifest this region lacks is looked for (another region), if set.
+    pub fn set_read_through(&self, r: Arc<dyn ReadThrough>) {
+        let _ = self.read_through.set(r);
+    }
+
     /// Fetches a blob this node lacks from one of its holders into the local store.
     async fn fetch_from_holders(&self, digest: &Digest) -> Result<(), ApiError> {
         let Some(peers) = self.peers.as_ref() else {
@@ -687,6 +736,22 @@ impl<P: Platform> NodeRegistry<P> {
         }
     }
 
+    /// Reads a blob through from another region; its size once committed here.
+    async fn read_blob_through(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, ApiError> {
+        let Some(rt) = self.read_through.get() else {
+            return Ok(None);
+        };
+        if !rt.blob(account, repo, digest).await? {
+            return Ok(None);
+        }
+        self.blob_linked(account, repo, digest)
+    }
+
     fn blob_linked(
         &self,
         account: AccountId,
@@ -761,7 +826,10 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         repo: &RepoName,
         digest: &Digest,
     ) -> RegistryResult<Option<u64>> {
-        self.blob_linked(account, repo, digest)
+        if let Some(size) = self.blob_linked(account, repo, digest)? {
+            return Ok(Some(size));
+        }
+        self.read_blob_through(account, repo, digest).await
     }
 
     async fn blob_content(
@@ -770,9 +838,13 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         repo: &RepoName,
         digest: &Digest,
     ) -> RegistryResult<BlobContent> {
-        let size = self
-            .blob_linked(account, repo, digest)?
-            .ok_or_else(|| ApiError::BlobUnknown(digest.clone()))?;
+        let size = match self.blob_linked(account, repo, digest)? {
+            Some(size) => size,
+            None => self
+                .read_blob_through(account, repo, digest)
+                .await?
+                .ok_or_else(|| ApiError::BlobUnknown(digest.clone()))?,
+        };
         let bytes = match self.local_blob_bytes(digest).await? {
             Some(b) => b,
             None => {
@@ -1030,12 +1102,23 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         repo: &RepoName,
         reference: &Reference,
     ) -> RegistryResult<Manifest> {
-        let digest = self.resolve(account, repo, reference)?;
-        let m = self
-            .state()
-            .manifest(account, repo, &digest)
-            .map_err(state_err)?
-            .ok_or_else(|| ApiError::ManifestUnknown(format!("{repo}@{digest}")))?;
+        let found = match self.resolve(account, repo, reference) {
+            Ok(digest) => self
+                .state()
+                .manifest(account, repo, &digest)
+                .map_err(state_err)?
+                .map(|m| (digest, m)),
+            Err(ApiError::ManifestUnknown(_)) => None,
+            Err(e) => return Err(e),
+        };
+        let Some((digest, m)) = found else {
+            if let Some(rt) = self.read_through.get() {
+                if let Some(m) = rt.manifest(account, repo, reference).await {
+                    return Ok(m);
+                }
+            }
+            return Err(ApiError::ManifestUnknown(format!("{repo}:{reference}")));
+        };
         Ok(Manifest {
             digest,
             media_type: m.media_type,

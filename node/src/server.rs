@@ -63,6 +63,8 @@ pub struct Node {
     pub self_info: NodeInfo,
     committed_index: Arc<std::sync::atomic::AtomicU64>,
     pub ecr: Arc<crate::ecr::NodeEcr<crate::registry::Production>>,
+    /// Cross-region replication, when other regions are configured.
+    pub georep: Option<Arc<crate::georep::Georep<crate::registry::Production>>>,
 }
 
 /// Environment variables that name the bootstrap administrator's key (for automation).
@@ -196,7 +198,13 @@ impl Node {
                 .context("start raft")?;
             (raft, None, String::new())
         } else {
-            let tls = NodeTls::load(&config.cluster.certs_dir, node_id)
+            let remote: Vec<(String, std::path::PathBuf)> = config
+                .replication
+                .regions
+                .iter()
+                .map(|r| (r.name.clone(), r.ca.clone()))
+                .collect();
+            let tls = NodeTls::load(&config.cluster.certs_dir, node_id, &remote)
                 .context("load cluster certificates")?;
             let t = QuicTransport::start(config.quic_addr()?, &tls, peer_handler.clone())
                 .context("start quic endpoint")?;
@@ -241,6 +249,20 @@ impl Node {
             Duration::from_millis(config.raft.write_timeout_ms),
         ));
         peer_handler.attach(raft.clone(), registry.clone());
+        let georep = match (&transport, config.replication.regions.is_empty()) {
+            (Some(t), false) => {
+                let g = crate::georep::Georep::new(
+                    registry.clone(),
+                    t.clone(),
+                    &config.node.region,
+                    &config.replication,
+                );
+                peer_handler.attach_geo(g.clone());
+                registry.set_read_through(g.clone());
+                Some(g)
+            }
+            _ => None,
+        };
         let key_path = if config.cluster.certs_dir.as_os_str().is_empty() {
             data.join(crate::auth::CLUSTER_KEY_FILE)
         } else {
@@ -278,6 +300,7 @@ impl Node {
             self_info,
             committed_index,
             ecr,
+            georep,
         })
     }
 
@@ -292,6 +315,7 @@ impl Node {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             region: self.config.node.region.clone(),
+            georep: self.georep.clone(),
         };
         let admin = Router::new()
             .route("/metrics", get(metrics))
@@ -299,6 +323,11 @@ impl Node {
             .route(
                 "/_portolan/v1/cluster/members",
                 axum::routing::post(add_member),
+            )
+            .route("/_portolan/v1/replication", get(replication_status))
+            .route(
+                "/_portolan/v1/replication/link",
+                axum::routing::post(replication_link),
             )
             .route(
                 "/_portolan/v1/cluster/members/{id}",
@@ -353,6 +382,13 @@ impl Node {
             })
         };
 
+        let geo_tasks: Vec<tokio::task::JoinHandle<()>> = match &self.georep {
+            Some(g) => vec![
+                tokio::spawn(g.clone().run()),
+                tokio::spawn(g.link.clone().ping_loop()),
+            ],
+            None => Vec::new(),
+        };
         let repair = {
             let registry = self.registry.clone();
             let every = Duration::from_millis(self.config.cluster.repair_interval_ms.max(100));
@@ -378,6 +414,9 @@ impl Node {
         }
         expiry.abort();
         repair.abort();
+        for t in geo_tasks {
+            t.abort();
+        }
         self.raft.shutdown().await.ok();
         if let Some(t) = &self.transport {
             t.close();
@@ -396,6 +435,7 @@ struct StatusState {
     registry: Arc<NodeRegistry>,
     metrics: Arc<HttpMetrics>,
     region: String,
+    georep: Option<Arc<crate::georep::Georep<crate::registry::Production>>>,
 }
 
 async fn status(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
@@ -517,7 +557,187 @@ async fn metrics(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
         "Upload sessions held in memory.",
         st.registry.open_sessions() as u64,
     );
+    if let Some(g) = &st.georep {
+        render_geo_metrics(g, &mut out);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+fn render_geo_metrics(g: &crate::georep::Georep<crate::registry::Production>, out: &mut String) {
+    use std::fmt::Write;
+    let reports = g.report();
+    let mut family =
+        |name: &str, kind: &str, help: &str, v: &dyn Fn(&crate::georep::DestReport) -> String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for r in &reports {
+                let _ = writeln!(
+                    out,
+                    "{name}{{region=\"{}\",account=\"{}\"}} {}",
+                    r.destination.region,
+                    r.destination.account,
+                    v(r)
+                );
+            }
+        };
+    family(
+        "portolan_georep_events_behind",
+        "gauge",
+        "Outbox events not yet applied in the destination.",
+        &|r| r.events_behind.to_string(),
+    );
+    family(
+        "portolan_georep_seconds_behind",
+        "gauge",
+        "Age of the oldest event not yet applied in the destination.",
+        &|r| format!("{:.3}", r.seconds_behind),
+    );
+    family(
+        "portolan_georep_bytes_shipped_total",
+        "counter",
+        "Chunk and manifest bytes sent to the destination.",
+        &|r| r.bytes_shipped.to_string(),
+    );
+    family(
+        "portolan_georep_bytes_logical_total",
+        "counter",
+        "Bytes of the images shipped (what full copies would send).",
+        &|r| r.bytes_logical.to_string(),
+    );
+    family(
+        "portolan_georep_blobs_shipped_total",
+        "counter",
+        "Blobs sent to the destination.",
+        &|r| r.blobs_shipped.to_string(),
+    );
+    family(
+        "portolan_georep_blobs_present_total",
+        "counter",
+        "Blobs the destination already had.",
+        &|r| r.blobs_present.to_string(),
+    );
+    family(
+        "portolan_georep_events_shipped_total",
+        "counter",
+        "Outbox events applied in the destination.",
+        &|r| r.events_shipped.to_string(),
+    );
+    family(
+        "portolan_georep_failing",
+        "gauge",
+        "1 while shipping to the destination fails.",
+        &|r| u64::from(r.failure.is_some()).to_string(),
+    );
+    for (name, help, v) in [
+        (
+            "portolan_georep_read_through_blobs_total",
+            "Blobs fetched from another region on demand.",
+            &g.read_through_blobs,
+        ),
+        (
+            "portolan_georep_read_through_manifests_total",
+            "Manifests served from another region on demand.",
+            &g.read_through_manifests,
+        ),
+        (
+            "portolan_georep_read_through_bytes_total",
+            "Chunk bytes fetched from another region on demand.",
+            &g.read_through_bytes,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+}
+
+async fn replication_status(State(st): State<Arc<StatusState>>) -> axum::response::Response {
+    use std::sync::atomic::Ordering;
+    let Some(g) = &st.georep else {
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({ "region": st.region, "configured": false }).to_string(),
+        )
+            .into_response();
+    };
+    let regions: Vec<serde_json::Value> = g
+        .link
+        .nearest()
+        .into_iter()
+        .map(|r| serde_json::json!({ "name": r, "rtt_ms": g.link.rtt_ms(&r) }))
+        .collect();
+    let body = serde_json::json!({
+        "region": st.region,
+        "configured": true,
+        "leader": st.registry.is_leader(),
+        "paused": g.paused.load(Ordering::Relaxed),
+        "link_blocked": g.link.blocked.load(Ordering::Relaxed),
+        "wan_delay_ms": g.link.delay_ms.load(Ordering::Relaxed),
+        "regions": regions,
+        "destinations": g.report(),
+        "read_through": {
+            "blobs": g.read_through_blobs.load(Ordering::Relaxed),
+            "manifests": g.read_through_manifests.load(Ordering::Relaxed),
+            "bytes": g.read_through_bytes.load(Ordering::Relaxed),
+        },
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// `POST /_portolan/v1/replication/link` body: any of the three switches.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkBody {
+    paused: Option<bool>,
+    blocked: Option<bool>,
+    delay_ms: Option<u64>,
+}
+
+/// Largest emulated WAN delay.
+const WAN_DELAY_MS_MAX: u64 = 10_000;
+
+async fn replication_link(
+    State(st): State<Arc<StatusState>>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use std::sync::atomic::Ordering;
+    let Some(g) = &st.georep else {
+        return admin_error(
+            axum::http::StatusCode::CONFLICT,
+            "this node replicates with no other region".into(),
+        );
+    };
+    let b: LinkBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return admin_error(
+                axum::http::StatusCode::BAD_REQUEST,
+                format!("body is not {{paused?, blocked?, delay_ms?}}: {e}"),
+            )
+        }
+    };
+    if b.delay_ms.is_some_and(|d| d > WAN_DELAY_MS_MAX) {
+        return admin_error(
+            axum::http::StatusCode::BAD_REQUEST,
+            format!("delay_ms is at most {WAN_DELAY_MS_MAX}"),
+        );
+    }
+    if let Some(p) = b.paused {
+        g.paused.store(p, Ordering::Relaxed);
+    }
+    if let Some(x) = b.blocked {
+        g.link.blocked.store(x, Ordering::Relaxed);
+    }
+    if let Some(d) = b.delay_ms {
+        g.link.delay_ms.store(d, Ordering::Relaxed);
+    }
+    tracing::info!(paused = ?b.paused, blocked = ?b.blocked, delay_ms = ?b.delay_ms, "replication link changed");
+    (axum::http::StatusCode::OK, "{}").into_response()
 }
 
 /// `POST /_portolan/v1/cluster/members` body.

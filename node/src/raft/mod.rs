@@ -94,7 +94,11 @@ mod tests {
         {
             let dir = tempfile::tempdir().expect("tempdir");
             let kv = Arc::new(RocksKv::open(dir.path()).expect("open rocksdb"));
-            Ok((dir, LogStore::new(kv.clone()), StateMachine::new(kv, "test")))
+            Ok((
+                dir,
+                LogStore::new(kv.clone()),
+                StateMachine::new(kv, "test"),
+            ))
         }
     }
 

@@ -10,7 +10,9 @@ pub mod quic;
 
 use std::future::Future;
 
-use engine::Digest;
+use engine::chunker::ChunkRef;
+use engine::origin::Stamp;
+use engine::{AccountId, Digest, RepoName, Tag};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -49,7 +51,113 @@ pub enum PeerRequest {
     BlobGet {
         digest: Digest,
     },
+    /// From a node of another region (the only kind such nodes may send).
+    Geo(GeoRequest),
 }
+
+/// Where a cross-region change lands: the destination account and repository, and the
+/// account it comes from (a different one needs the destination's registry policy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GeoTarget {
+    pub source_account: AccountId,
+    pub account: AccountId,
+    pub repo: RepoName,
+}
+
+/// Requests between regions: shipping (offer blobs, query and send chunks, assemble, apply)
+/// and read-through (fetch what a rule says the asking region receives). Every list is
+/// bounded by `GEO_LIST_MAX` and every chunk batch by `GEO_BATCH_BYTES_MAX`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum GeoRequest {
+    /// Round-trip time probe.
+    Ping,
+    /// Which of these blobs does the region lack? Those it has are linked into the target.
+    Offer {
+        target: GeoTarget,
+        blobs: Vec<(Digest, u64)>,
+    },
+    /// Which of these chunks does the receiving node lack (answered with their indices)?
+    ChunkQuery { chunks: Vec<ChunkRef> },
+    /// Chunks to keep until a blob is assembled from them (each verified against its hash).
+    Chunks { chunks: Vec<Vec<u8>> },
+    /// Assemble a blob from chunks the node has or was sent, verify, store on the region's
+    /// write quorum and commit it into the target.
+    Assemble {
+        target: GeoTarget,
+        digest: Digest,
+        size_bytes: u64,
+        chunks: Vec<ChunkRef>,
+    },
+    /// Apply a change (its blobs are already there).
+    Apply {
+        target: GeoTarget,
+        change: GeoChange,
+    },
+    /// Read-through: a manifest by tag or digest, if the holder's rules send the repository
+    /// to the asking region and account.
+    FetchManifest {
+        target: GeoTarget,
+        reference: String,
+    },
+    /// Read-through: a blob's size and chunk list.
+    FetchBlobIndex { target: GeoTarget, digest: Digest },
+    /// Read-through: some chunks of a blob, by index in its chunk list.
+    FetchChunks {
+        target: GeoTarget,
+        digest: Digest,
+        indices: Vec<u32>,
+    },
+}
+
+/// A change shipped to another region.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GeoChange {
+    ManifestPut {
+        digest: Digest,
+        media_type: String,
+        bytes: Vec<u8>,
+        tag: Option<Tag>,
+        stamp: Option<Stamp>,
+    },
+    TagDeleted {
+        tag: Tag,
+        stamp: Stamp,
+    },
+    ManifestDeleted {
+        digest: Digest,
+    },
+}
+
+/// Answers to `GeoRequest`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum GeoResponse {
+    Pong,
+    Done,
+    /// Digests of offered blobs the region lacks.
+    MissingBlobs(Vec<Digest>),
+    /// Indices of queried chunks the node lacks.
+    MissingChunks(Vec<u32>),
+    Manifest {
+        digest: Digest,
+        media_type: String,
+        bytes: Vec<u8>,
+    },
+    BlobIndex {
+        size_bytes: u64,
+        chunks: Vec<ChunkRef>,
+    },
+    ChunkData(Vec<Vec<u8>>),
+    NotFound(String),
+    /// Not allowed (a policy, a rule); retrying does not help until configuration changes.
+    Denied(String),
+    /// Failed; retrying may help.
+    Failed(String),
+}
+
+/// Items in one cross-region list (blobs offered, chunks queried or fetched).
+pub const GEO_LIST_MAX: usize = 4096;
+/// Chunk bytes in one cross-region message.
+pub const GEO_BATCH_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
 /// The answer to a `PeerRequest`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -73,6 +181,7 @@ pub enum PeerResponse {
         size_bytes: u64,
     },
     BlobMissing,
+    Geo(GeoResponse),
     /// The request was understood and refused or failed; the text says why.
     Refused(String),
 }
@@ -140,4 +249,7 @@ pub trait PeerHandler: Send + Sync + 'static {
 
     /// The bytes of a blob this node holds.
     fn read_blob(&self, digest: &Digest) -> impl Future<Output = Option<BlobBytes>> + Send;
+
+    /// A request from a node of the other region `from`.
+    fn handle_geo(&self, from: &str, req: GeoRequest) -> impl Future<Output = GeoResponse> + Send;
 }

@@ -64,36 +64,92 @@ fn pem_err(path: &Path, e: impl std::fmt::Display) -> QuicSetupError {
     }
 }
 
-/// TLS material of one node: the cluster CA and the node's certificate and key.
+/// TLS material of one node: its region's CA, the CAs of the other regions it replicates
+/// with, and the node's certificate and key.
 pub struct NodeTls {
     ca: Vec<CertificateDer<'static>>,
+    /// Other regions by name, with their CA certificates.
+    remote: Vec<(String, Vec<CertificateDer<'static>>)>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 }
 
+fn read_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, QuicSetupError> {
+    CertificateDer::pem_file_iter(p)
+        .map_err(|e| pem_err(p, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(p, e))
+}
+
+/// Who is on the other end of a connection, by the CA that signed its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerKind {
+    /// A node of this region: every request is served.
+    Region,
+    /// A node of the named other region: only cross-region requests are served.
+    Remote(String),
+}
+
+type Verifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
+
 impl NodeTls {
-    pub fn load(certs_dir: &Path, node_id: NodeId) -> Result<NodeTls, QuicSetupError> {
+    /// Loads `certs_dir` (this region) and the CA file of each other region in `remote`.
+    pub fn load(
+        certs_dir: &Path,
+        node_id: NodeId,
+        remote: &[(String, std::path::PathBuf)],
+    ) -> Result<NodeTls, QuicSetupError> {
         let ca_path = certs_dir.join("ca.pem");
         let (cert_path, key_path) = node_paths(certs_dir, node_id);
-        let read_certs = |p: &Path| -> Result<Vec<CertificateDer<'static>>, QuicSetupError> {
-            CertificateDer::pem_file_iter(p)
-                .map_err(|e| pem_err(p, e))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| pem_err(p, e))
-        };
+        let remote = remote
+            .iter()
+            .map(|(name, path)| Ok((name.clone(), read_certs(path)?)))
+            .collect::<Result<Vec<_>, QuicSetupError>>()?;
         Ok(NodeTls {
             ca: read_certs(&ca_path)?,
+            remote,
             chain: read_certs(&cert_path)?,
             key: PrivateKeyDer::from_pem_file(&key_path).map_err(|e| pem_err(&key_path, e))?,
         })
     }
 
-    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, QuicSetupError> {
+    fn store(
+        cas: &[CertificateDer<'static>],
+    ) -> Result<Arc<rustls::RootCertStore>, QuicSetupError> {
         let mut roots = rustls::RootCertStore::empty();
-        for c in &self.ca {
+        for c in cas {
             roots.add(c.clone())?;
         }
         Ok(Arc::new(roots))
+    }
+
+    /// Every CA this node trusts: its region's and the other regions'.
+    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, QuicSetupError> {
+        let all: Vec<CertificateDer<'static>> = self
+            .ca
+            .iter()
+            .chain(self.remote.iter().flat_map(|(_, c)| c.iter()))
+            .cloned()
+            .collect();
+        Self::store(&all)
+    }
+
+    fn verifier(cas: &[CertificateDer<'static>]) -> Result<Verifier, QuicSetupError> {
+        rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Self::store(cas)?,
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| QuicSetupError::Verifier(e.to_string()))
+    }
+
+    /// Classifies peers by the CA that signed them (this region's first).
+    fn classifier(&self) -> Result<Classifier, QuicSetupError> {
+        let mut by_ca = vec![(PeerKind::Region, Self::verifier(&self.ca)?)];
+        for (name, cas) in &self.remote {
+            by_ca.push((PeerKind::Remote(name.clone()), Self::verifier(cas)?));
+        }
+        Ok(Classifier { by_ca })
     }
 
     fn server_config(&self) -> Result<quinn::ServerConfig, QuicSetupError> {
@@ -128,6 +184,27 @@ impl NodeTls {
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
         cfg.transport_config(transport_config());
         Ok(cfg)
+    }
+}
+
+/// Tells a region's own nodes from other regions' by re-verifying the peer's chain against
+/// each CA alone (the handshake accepted any trusted CA).
+struct Classifier {
+    by_ca: Vec<(PeerKind, Verifier)>,
+}
+
+impl Classifier {
+    fn classify(&self, conn: &quinn::Connection) -> Option<PeerKind> {
+        let chain = conn
+            .peer_identity()?
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .ok()?;
+        let (leaf, rest) = chain.split_first()?;
+        let now = rustls::pki_types::UnixTime::now();
+        self.by_ca
+            .iter()
+            .find(|(_, v)| v.verify_client_cert(leaf, rest, now).is_ok())
+            .map(|(kind, _)| kind.clone())
     }
 }
 
@@ -198,7 +275,7 @@ impl QuicTransport {
             endpoint: endpoint.clone(),
             conns: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(accept_loop(endpoint, handler));
+        tokio::spawn(accept_loop(endpoint, handler, Arc::new(tls.classifier()?)));
         Ok(t)
     }
 
@@ -344,9 +421,14 @@ impl Transport for QuicTransport {
     }
 }
 
-async fn accept_loop<H: PeerHandler>(endpoint: quinn::Endpoint, handler: Arc<H>) {
+async fn accept_loop<H: PeerHandler>(
+    endpoint: quinn::Endpoint,
+    handler: Arc<H>,
+    classifier: Arc<Classifier>,
+) {
     while let Some(incoming) = endpoint.accept().await {
         let handler = handler.clone();
+        let classifier = classifier.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -356,13 +438,17 @@ async fn accept_loop<H: PeerHandler>(endpoint: quinn::Endpoint, handler: Arc<H>)
                     return;
                 }
             };
+            let Some(kind) = classifier.classify(&conn) else {
+                conn.close(1u32.into(), b"unclassified peer");
+                return;
+            };
             loop {
                 let (send, recv) = match conn.accept_bi().await {
                     Ok(s) => s,
                     Err(_) => return,
                 };
                 let handler = handler.clone();
-                tokio::spawn(serve_stream(handler, send, recv));
+                tokio::spawn(serve_stream(handler, kind.clone(), send, recv));
             }
         });
     }
@@ -370,6 +456,7 @@ async fn accept_loop<H: PeerHandler>(endpoint: quinn::Endpoint, handler: Arc<H>)
 
 async fn serve_stream<H: PeerHandler>(
     handler: Arc<H>,
+    kind: PeerKind,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -381,12 +468,21 @@ async fn serve_stream<H: PeerHandler>(
         }
         Err(_) => return,
     };
-    let resp = match req {
-        PeerRequest::BlobPut { digest, size_bytes } => {
+    let resp = match (req, kind) {
+        (PeerRequest::Geo(req), PeerKind::Remote(region)) => {
+            PeerResponse::Geo(handler.handle_geo(&region, req).await)
+        }
+        (_, PeerKind::Remote(region)) => PeerResponse::Refused(format!(
+            "region {region} may send only cross-region requests"
+        )),
+        (PeerRequest::Geo(_), PeerKind::Region) => {
+            PeerResponse::Refused("cross-region request from a node of this region".into())
+        }
+        (PeerRequest::BlobPut { digest, size_bytes }, _) => {
             let body: BlobReader = Box::new(recv.take(size_bytes));
             handler.store_blob(digest, size_bytes, body).await
         }
-        PeerRequest::BlobGet { digest } => match handler.read_blob(&digest).await {
+        (PeerRequest::BlobGet { digest }, _) => match handler.read_blob(&digest).await {
             Some(bytes) => {
                 let header = PeerResponse::BlobFound {
                     size_bytes: bytes.len() as u64,
@@ -399,7 +495,7 @@ async fn serve_stream<H: PeerHandler>(
             }
             None => PeerResponse::BlobMissing,
         },
-        other => handler.handle(other).await,
+        (other, _) => handler.handle(other).await,
     };
     if write_frame(&mut send, &resp).await.is_ok() {
         let _ = send.finish();

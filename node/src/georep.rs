@@ -1,0 +1,1445 @@
+//! Cross-region and cross-account replication: the workers that ship the outbox to other
+//! regions, the receiving side, read-through, and the link between regions.
+//!
+//! Shipping one event to a destination: offer the manifest's blob digests; for each blob the
+//! destination region lacks, send its chunk list to one of its nodes, which answers with the
+//! chunks it lacks from any blob it holds; send those; that node assembles the blob, verifies
+//! its digest, stores it on its region's write quorum and commits it through its Raft; then
+//! the manifest (children of an index first) and its tag apply there with their origin stamp.
+//! The cursor advances through this region's Raft only after the destination acknowledged,
+//! so delivery is at least once; every step on the receiving side is idempotent.
+//!
+//! Owns: per-destination workers (on the region leader only), retries with backoff, failure
+//! status, shipping and read-through statistics, the link's emulated delay and partitions.
+//! Never: decides a tag's winner (the state machine does, on stamps) or trusts a peer's
+//! claim about who it is (the connection's certificate says which region it is).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use engine::blob_store::BlobBackend;
+use engine::chunker::ChunkRef;
+use engine::iam::Iam;
+use engine::manifest;
+use engine::outbox::{self, Change, Destination, OutboxEvent};
+use engine::policy::{PolicyDocument, Principal, RequestContext, Verdict};
+use engine::state::{Command, Outcome, State};
+use engine::{AccountId, Digest, Reference, RepoName};
+use registry_api::error::ApiError;
+use registry_api::registry::{Manifest, Registry};
+
+use crate::config::ReplicationSection;
+use crate::raft::{NodeId, NodeInfo};
+use crate::registry::{NodeRegistry, Platform};
+use crate::transport::{
+    GeoChange, GeoRequest, GeoResponse, GeoTarget, PeerRequest, PeerResponse, Transport,
+    GEO_BATCH_BYTES_MAX, GEO_LIST_MAX,
+};
+
+/// Outbox events a worker takes per round.
+const EVENTS_PER_ROUND: usize = 64;
+/// First pause after a failure; doubled per failure up to `retry_max_ms`.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Failures in a row before a destination's status says FAILED (a refusal: at once).
+const FAILURES_BEFORE_STATUS: u32 = 3;
+/// How often the other regions' round-trip times are measured.
+const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// Index manifests nest one level (an index of images); deeper nesting is not shipped.
+const MANIFEST_DEPTH_MAX: u32 = 2;
+
+/// Parses `a.b.c.d/len` into an address and prefix length.
+pub fn parse_cidr(s: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let addr: std::net::IpAddr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (len <= max).then_some((addr, len))
+}
+
+fn in_cidr(ip: std::net::IpAddr, (net, len): (std::net::IpAddr, u8)) -> bool {
+    match (ip, net) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// An error shipping to or fetching from another region.
+#[derive(Debug, Clone)]
+pub struct GeoError {
+    /// Refused by configuration (policy, rules): retrying will not help until it changes.
+    pub denied: bool,
+    pub message: String,
+}
+
+impl GeoError {
+    fn failed(m: impl Into<String>) -> GeoError {
+        GeoError {
+            denied: false,
+            message: m.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for GeoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// One other region as this node reaches it.
+struct Remote {
+    name: String,
+    nodes: Vec<NodeInfo>,
+    /// Smoothed round-trip time in microseconds (0: not measured yet).
+    rtt_us: AtomicU64,
+    /// The node that answered last (tried first).
+    preferred: AtomicU64,
+}
+
+/// The link to the other regions: which nodes to call, an emulated WAN delay, and a switch
+/// that cuts it (a partition, for drills and tests).
+pub struct GeoLink<T: Transport> {
+    transport: Arc<T>,
+    remotes: Vec<Remote>,
+    pub delay_ms: AtomicU64,
+    pub blocked: AtomicBool,
+}
+
+impl<T: Transport> GeoLink<T> {
+    pub fn new(transport: Arc<T>, config: &ReplicationSection) -> GeoLink<T> {
+        let remotes = config
+            .regions
+            .iter()
+            .map(|r| Remote {
+                name: r.name.clone(),
+                nodes: r
+                    .quic
+                    .iter()
+                    .zip(r.http.iter().map(Some).chain(std::iter::repeat(None)))
+                    .map(|(q, h)| NodeInfo {
+                        quic: q.clone(),
+                        http: h.cloned().unwrap_or_default(),
+                    })
+                    .collect(),
+                rtt_us: AtomicU64::new(0),
+                preferred: AtomicU64::new(0),
+            })
+            .collect();
+        GeoLink {
+            transport,
+            remotes,
+            delay_ms: AtomicU64::new(config.wan_delay_ms),
+            blocked: AtomicBool::new(false),
+        }
+    }
+
+    fn remote(&self, region: &str) -> Result<&Remote, GeoError> {
+        self.remotes
+            .iter()
+            .find(|r| r.name == region)
+            .ok_or_else(|| GeoError {
+                denied: true,
+                message: format!("region {region} is not configured in [replication] regions"),
+            })
+    }
+
+    /// Other regions, nearest (by measured round trip) first; unmeasured ones last.
+    pub fn nearest(&self) -> Vec<String> {
+        let mut r: Vec<(u64, &str)> = self
+            .remotes
+            .iter()
+            .map(|r| {
+                let rtt = r.rtt_us.load(Ordering::Relaxed);
+                (if rtt == 0 { u64::MAX } else { rtt }, r.name.as_str())
+            })
+            .collect();
+        r.sort();
+        r.into_iter().map(|(_, n)| n.to_string()).collect()
+    }
+
+    /// HTTP endpoints of a region's nodes.
+    pub fn http_endpoints(&self, region: &str) -> Vec<String> {
+        self.remote(region)
+            .map(|r| {
+                r.nodes
+                    .iter()
+                    .filter(|n| !n.http.is_empty())
+                    .map(|n| n.http.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn rtt_ms(&self, region: &str) -> Option<f64> {
+        let us = self.remote(region).ok()?.rtt_us.load(Ordering::Relaxed);
+        (us > 0).then_some(us as f64 / 1000.0)
+    }
+
+    /// The region's node to send a multi-step transfer to (the last one that answered).
+    fn pick(&self, region: &str) -> Result<usize, GeoError> {
+        let r = self.remote(region)?;
+        Ok(r.preferred.load(Ordering::Relaxed) as usize % r.nodes.len().max(1))
+    }
+
+    /// Calls node `index` of `region`.
+    async fn call_node(
+        &self,
+        region: &str,
+        index: usize,
+        req: GeoRequest,
+    ) -> Result<GeoResponse, GeoError> {
+        let r = self.remote(region)?;
+        let node = r
+            .nodes
+            .get(index)
+            .ok_or_else(|| GeoError::failed(format!("region {region} has no node {index}")))?;
+        if self.blocked.load(Ordering::Relaxed) {
+            return Err(GeoError::failed(format!("link to {region} is cut")));
+        }
+        let delay = Duration::from_millis(self.delay_ms.load(Ordering::Relaxed));
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        // Node ids are per region; the transport addresses peers by their QUIC address.
+        let id = NodeId::MAX - index as NodeId;
+        let resp = self
+            .transport
+            .call(id, node, PeerRequest::Geo(req))
+            .await
+            .map_err(|e| GeoError::failed(format!("{region}: {e}")))?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if self.blocked.load(Ordering::Relaxed) {
+            return Err(GeoError::failed(format!("link to {region} is cut")));
+        }
+        match resp {
+            PeerResponse::Geo(GeoResponse::Denied(m)) => Err(GeoError {
+                denied: true,
+                message: format!("{region}: {m}"),
+            }),
+            PeerResponse::Geo(GeoResponse::Failed(m)) => {
+                Err(GeoError::failed(format!("{region}: {m}")))
+            }
+            PeerResponse::Geo(g) => {
+                r.preferred.store(index as u64, Ordering::Relaxed);
+                Ok(g)
+            }
+            PeerResponse::Refused(m) => Err(GeoError::failed(format!("{region} refused: {m}"))),
+            other => Err(GeoError::failed(format!(
+                "{region}: unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Calls any node of `region`: the preferred one first, then the others.
+    async fn call(
+        &self,
+        region: &str,
+        req: impl Fn() -> GeoRequest,
+    ) -> Result<GeoResponse, GeoError> {
+        let n = self.remote(region)?.nodes.len();
+        let first = self.pick(region)?;
+        let mut last = GeoError::failed(format!("region {region} lists no node"));
+        for i in 0..n {
+            match self.call_node(region, (first + i) % n, req()).await {
+                Ok(r) => return Ok(r),
+                Err(e) if e.denied => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Measures each region's round-trip time, forever.
+    pub async fn ping_loop(self: Arc<Self>) {
+        loop {
+            for r in &self.remotes {
+                let start = std::time::Instant::now();
+                if self.call(&r.name, || GeoRequest::Ping).await.is_ok() {
+                    let us = start.elapsed().as_micros().max(1) as u64;
+                    let old = r.rtt_us.load(Ordering::Relaxed);
+                    let new = if old == 0 { us } else { (old * 3 + us) / 4 };
+                    r.rtt_us.store(new, Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(PING_INTERVAL).await;
+        }
+    }
+}
+
+/// Counters of one destination.
+#[derive(Default)]
+pub struct DestStats {
+    /// Blob and manifest bytes the shipped images hold (what a full copy would send).
+    pub bytes_logical: AtomicU64,
+    /// Chunk and manifest bytes actually sent.
+    pub bytes_shipped: AtomicU64,
+    pub blobs_shipped: AtomicU64,
+    /// Blobs the destination already had (linked, nothing sent).
+    pub blobs_present: AtomicU64,
+    pub events_shipped: AtomicU64,
+    /// Shipping an event right now.
+    pub busy: AtomicBool,
+    /// Lag samples: milliseconds from an event's push to its acknowledgment here.
+    pub lag_ms: Mutex<Vec<u64>>,
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// Lag samples kept per destination (the most recent).
+const LAG_SAMPLES_MAX: usize = 10_000;
+
+/// Cross-region replication of one node: its workers (while it leads its region), the
+/// receiving side, and read-through.
+pub struct Georep<P: Platform> {
+    registry: Arc<NodeRegistry<P>>,
+    pub link: Arc<GeoLink<P::Transport>>,
+    region: String,
+    poll: Duration,
+    retry_max: Duration,
+    /// Set by an operator: workers ship nothing (read-through still works).
+    pub paused: AtomicBool,
+    stats: Mutex<BTreeMap<Destination, Arc<DestStats>>>,
+    workers: Mutex<BTreeMap<Destination, tokio::task::JoinHandle<()>>>,
+    pub read_through_blobs: AtomicU64,
+    pub read_through_manifests: AtomicU64,
+    pub read_through_bytes: AtomicU64,
+    client_networks: Vec<((std::net::IpAddr, u8), String)>,
+}
+
+type Ship<T> = Result<T, GeoError>;
+
+impl<P: Platform> Georep<P> {
+    pub fn new(
+        registry: Arc<NodeRegistry<P>>,
+        transport: Arc<P::Transport>,
+        region: &str,
+        config: &ReplicationSection,
+    ) -> Arc<Georep<P>> {
+        Arc::new(Georep {
+            registry,
+            link: Arc::new(GeoLink::new(transport, config)),
+            region: region.to_string(),
+            poll: Duration::from_millis(config.poll_interval_ms.max(1)),
+            retry_max: Duration::from_millis(config.retry_max_ms.max(1)),
+            paused: AtomicBool::new(false),
+            stats: Mutex::new(BTreeMap::new()),
+            workers: Mutex::new(BTreeMap::new()),
+            read_through_blobs: AtomicU64::new(0),
+            read_through_manifests: AtomicU64::new(0),
+            read_through_bytes: AtomicU64::new(0),
+            client_networks: config
+                .client_networks
+                .iter()
+                .filter_map(|n| Some((parse_cidr(&n.cidr)?, n.region.clone())))
+                .collect(),
+        })
+    }
+
+    pub fn stats(&self, dest: &Destination) -> Arc<DestStats> {
+        self.stats
+            .lock()
+            .expect("stats lock")
+            .entry(dest.clone())
+            .or_default()
+            .clone()
+    }
+
+    pub fn all_stats(&self) -> Vec<(Destination, Arc<DestStats>)> {
+        self.stats
+            .lock()
+            .expect("stats lock")
+            .iter()
+            .map(|(d, s)| (d.clone(), s.clone()))
+            .collect()
+    }
+
+    /// The region that serves a client address best, if it is another region.
+    pub fn region_of_client(&self, ip: std::net::IpAddr) -> Option<&str> {
+        self.client_networks
+            .iter()
+            .filter(|(net, _)| in_cidr(ip, *net))
+            .max_by_key(|((_, len), _)| *len)
+            .map(|(_, r)| r.as_str())
+            .filter(|r| *r != self.region)
+    }
+
+    fn state(&self) -> State<'_, P::Kv> {
+        State::new(self.registry.kv().as_ref())
+    }
+
+    // ---- workers ----
+
+    /// Starts a worker for every destination the outbox names, as they appear; each ships
+    /// only while this node leads its region.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            match outbox::known_destinations(self.registry.kv().as_ref()) {
+                Ok(dests) => {
+                    let mut workers = self.workers.lock().expect("workers lock");
+                    for d in dests {
+                        workers.entry(d.clone()).or_insert_with(|| {
+                            let me = self.clone();
+                            crate::rt::spawn(async move { me.worker(d).await })
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "read replication destinations"),
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+
+    async fn worker(self: Arc<Self>, dest: Destination) {
+        let stats = self.stats(&dest);
+        let mut failures: u32 = 0;
+        loop {
+            if !self.registry.is_leader() || self.paused.load(Ordering::Relaxed) {
+                tokio::time::sleep(self.poll).await;
+                continue;
+            }
+            match self.round(&dest, &stats).await {
+                Ok(true) => {
+                    if failures > 0 {
+                        failures = 0;
+                        *stats.last_error.lock().expect("stats lock") = None;
+                        self.set_failure(&dest, None).await;
+                    }
+                }
+                Ok(false) => tokio::time::sleep(self.poll).await,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(region = %dest.region, account = %dest.account, error = %e, failures, "replication failed; retrying");
+                    *stats.last_error.lock().expect("stats lock") = Some(e.message.clone());
+                    if e.denied || failures == FAILURES_BEFORE_STATUS {
+                        self.set_failure(&dest, Some(e.message.clone())).await;
+                    }
+                    let backoff = RETRY_MIN
+                        .saturating_mul(1 << failures.min(16))
+                        .min(self.retry_max);
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        }
+    }
+
+    async fn set_failure(&self, dest: &Destination, reason: Option<String>) {
+        let kv = self.registry.kv().clone();
+        let current = outbox::failure(kv.as_ref(), dest).ok().flatten();
+        if current == reason {
+            return;
+        }
+        let _ = self
+            .registry
+            .propose_command(Command::ReplicationFailureSet {
+                destination: dest.clone(),
+                reason,
+            })
+            .await;
+    }
+
+    /// Ships the next events; `Ok(false)` when there was nothing to do.
+    async fn round(&self, dest: &Destination, stats: &DestStats) -> Ship<bool> {
+        let kv = self.registry.kv().clone();
+        let local = |e: engine::state::StateError| GeoError::failed(format!("local state: {e}"));
+        let cursor = outbox::cursor(kv.as_ref(), dest).map_err(local)?;
+        let events = outbox::events_after(kv.as_ref(), cursor, EVENTS_PER_ROUND).map_err(local)?;
+        if events.is_empty() {
+            return Ok(false);
+        }
+        let mut done = cursor;
+        let mut result = Ok(());
+        for ev in &events {
+            if ev.destinations.contains(dest) {
+                stats.busy.store(true, Ordering::Relaxed);
+                let r = self.ship_event(dest, ev, stats).await;
+                stats.busy.store(false, Ordering::Relaxed);
+                if let Err(e) = r {
+                    result = Err(e);
+                    break;
+                }
+                stats.events_shipped.fetch_add(1, Ordering::Relaxed);
+                if ev.at_ms > 0 {
+                    let lag = self.registry.now_ms().saturating_sub(ev.at_ms);
+                    let mut l = stats.lag_ms.lock().expect("stats lock");
+                    if l.len() >= LAG_SAMPLES_MAX {
+                        l.remove(0);
+                    }
+                    l.push(lag);
+                }
+            }
+            done = ev.seq;
+        }
+        if done > cursor {
+            self.registry
+                .propose_command(Command::ReplicationCursorAdvanced {
+                    destination: dest.clone(),
+                    seq: done,
+                })
+                .await
+                .map_err(|e| GeoError::failed(format!("advance the cursor: {e}")))?;
+        }
+        result.map(|()| true)
+    }
+
+    async fn ship_event(
+        &self,
+        dest: &Destination,
+        ev: &OutboxEvent,
+        stats: &DestStats,
+    ) -> Ship<()> {
+        let target = GeoTarget {
+            source_account: ev.account,
+            account: dest.account,
+            repo: ev.repo.clone(),
+        };
+        let change = match &ev.change {
+            Change::ManifestPut { digest, tag, stamp } => {
+                let Some(m) = self
+                    .state()
+                    .manifest(ev.account, &ev.repo, digest)
+                    .map_err(|e| GeoError::failed(e.to_string()))?
+                else {
+                    // Deleted since; its delete event follows.
+                    return Ok(());
+                };
+                self.ship_contents(dest, &target, &m.bytes, &m.media_type, 0, stats)
+                    .await?;
+                stats
+                    .bytes_logical
+                    .fetch_add(m.bytes.len() as u64, Ordering::Relaxed);
+                stats
+                    .bytes_shipped
+                    .fetch_add(m.bytes.len() as u64, Ordering::Relaxed);
+                GeoChange::ManifestPut {
+                    digest: digest.clone(),
+                    media_type: m.media_type,
+                    bytes: m.bytes,
+                    tag: tag.clone(),
+                    stamp: stamp.clone(),
+                }
+            }
+            Change::TagDeleted { tag, stamp } => GeoChange::TagDeleted {
+                tag: tag.clone(),
+                stamp: stamp.clone(),
+            },
+            Change::ManifestDeleted { digest } => GeoChange::ManifestDeleted {
+                digest: digest.clone(),
+            },
+        };
+        self.apply(dest, &target, change).await
+    }
+
+    async fn apply(&self, dest: &Destination, target: &GeoTarget, change: GeoChange) -> Ship<()> {
+        match self
+            .link
+            .call(&dest.region, || GeoRequest::Apply {
+                target: target.clone(),
+                change: change.clone(),
+            })
+            .await?
+        {
+            GeoResponse::Done => Ok(()),
+            other => Err(GeoError::failed(format!("apply answered {other:?}"))),
+        }
+    }
+
+    /// Ships what a manifest needs in the destination: child manifests (each with its own
+    /// contents) and blobs.
+    fn ship_contents<'a>(
+        &'a self,
+        dest: &'a Destination,
+        target: &'a GeoTarget,
+        bytes: &'a [u8],
+        media_type: &'a str,
+        depth: u32,
+        stats: &'a DestStats,
+    ) -> Pin<Box<dyn Future<Output = Ship<()>> + Send + 'a>> {
+        Box::pin(async move {
+            let parsed = manifest::parse(bytes, media_type, u64::MAX)
+                .map_err(|e| GeoError::failed(format!("stored manifest does not parse: {e}")))?;
+            for child in parsed.required_manifests() {
+                if depth + 1 > MANIFEST_DEPTH_MAX {
+                    return Err(GeoError::failed("manifests nest too deep to ship"));
+                }
+                let m = self
+                    .state()
+                    .manifest(target.source_account, &target.repo, child)
+                    .map_err(|e| GeoError::failed(e.to_string()))?
+                    .ok_or_else(|| GeoError::failed(format!("child manifest {child} is gone")))?;
+                self.ship_contents(dest, target, &m.bytes, &m.media_type, depth + 1, stats)
+                    .await?;
+                self.apply(
+                    dest,
+                    target,
+                    GeoChange::ManifestPut {
+                        digest: child.clone(),
+                        media_type: m.media_type.clone(),
+                        bytes: m.bytes.clone(),
+                        tag: None,
+                        stamp: None,
+                    },
+                )
+                .await?;
+            }
+            let mut blobs = Vec::new();
+            for d in parsed.required_blobs() {
+                let rec = self
+                    .state()
+                    .blob(d)
+                    .map_err(|e| GeoError::failed(e.to_string()))?
+                    .ok_or_else(|| GeoError::failed(format!("blob {d} is not in this region")))?;
+                blobs.push((d.clone(), rec.size_bytes));
+            }
+            self.ship_blobs(dest, target, &blobs, stats).await
+        })
+    }
+
+    async fn ship_blobs(
+        &self,
+        dest: &Destination,
+        target: &GeoTarget,
+        blobs: &[(Digest, u64)],
+        stats: &DestStats,
+    ) -> Ship<()> {
+        for batch in blobs.chunks(GEO_LIST_MAX) {
+            let missing = match self
+                .link
+                .call(&dest.region, || GeoRequest::Offer {
+                    target: target.clone(),
+                    blobs: batch.to_vec(),
+                })
+                .await?
+            {
+                GeoResponse::MissingBlobs(m) => m,
+                other => return Err(GeoError::failed(format!("offer answered {other:?}"))),
+            };
+            for (d, size) in batch {
+                stats.bytes_logical.fetch_add(*size, Ordering::Relaxed);
+                if missing.contains(d) {
+                    self.ship_blob(dest, target, d, *size, stats).await?;
+                    stats.blobs_shipped.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    stats.blobs_present.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one blob to one node of the destination: only the chunks it lacks.
+    async fn ship_blob(
+        &self,
+        dest: &Destination,
+        target: &GeoTarget,
+        digest: &Digest,
+        size: u64,
+        stats: &DestStats,
+    ) -> Ship<()> {
+        let bytes = self
+            .registry
+            .ensure_local(digest)
+            .await
+            .map_err(|e| GeoError::failed(format!("read {digest}: {e}")))?;
+        let chunks = self.chunk_index(digest).await?;
+        let node = self.link.pick(&dest.region)?;
+        let offsets: Vec<u64> = chunks
+            .iter()
+            .scan(0u64, |o, c| {
+                let at = *o;
+                *o += u64::from(c.len_bytes);
+                Some(at)
+            })
+            .collect();
+        let mut missing = Vec::new();
+        for (i, part) in chunks.chunks(GEO_LIST_MAX).enumerate() {
+            match self
+                .link
+                .call_node(
+                    &dest.region,
+                    node,
+                    GeoRequest::ChunkQuery {
+                        chunks: part.to_vec(),
+                    },
+                )
+                .await?
+            {
+                GeoResponse::MissingChunks(m) => missing.extend(
+                    m.into_iter()
+                        .filter(|j| (*j as usize) < part.len())
+                        .map(|j| i * GEO_LIST_MAX + j as usize),
+                ),
+                other => return Err(GeoError::failed(format!("chunk query answered {other:?}"))),
+            }
+        }
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut batch_bytes = 0u64;
+        for (n, i) in missing.iter().enumerate() {
+            let (at, len) = (offsets[*i] as usize, chunks[*i].len_bytes as usize);
+            let part = bytes
+                .get(at..at + len)
+                .ok_or_else(|| GeoError::failed(format!("chunk index of {digest} overruns it")))?;
+            batch_bytes += len as u64;
+            batch.push(part.to_vec());
+            if batch_bytes >= GEO_BATCH_BYTES_MAX / 2 || n + 1 == missing.len() {
+                let sent = std::mem::take(&mut batch);
+                match self
+                    .link
+                    .call_node(&dest.region, node, GeoRequest::Chunks { chunks: sent })
+                    .await?
+                {
+                    GeoResponse::Done => {}
+                    other => return Err(GeoError::failed(format!("chunks answered {other:?}"))),
+                }
+                stats
+                    .bytes_shipped
+                    .fetch_add(batch_bytes, Ordering::Relaxed);
+                batch_bytes = 0;
+            }
+        }
+        match self
+            .link
+            .call_node(
+                &dest.region,
+                node,
+                GeoRequest::Assemble {
+                    target: target.clone(),
+                    digest: digest.clone(),
+                    size_bytes: size,
+                    chunks,
+                },
+            )
+            .await?
+        {
+            GeoResponse::Done => Ok(()),
+            other => Err(GeoError::failed(format!("assemble answered {other:?}"))),
+        }
+    }
+
+    async fn chunk_index(&self, digest: &Digest) -> Ship<Vec<ChunkRef>> {
+        let store = self.registry.blob_store().clone();
+        let d = digest.clone();
+        self.registry
+            .blocking(move || {
+                store
+                    .chunk_index(&d)
+                    .map_err(|e| ApiError::Internal(e.to_string()))
+            })
+            .await
+            .map_err(|e| GeoError::failed(format!("chunk index of {digest}: {e}")))
+    }
+
+    // ---- the receiving side ----
+
+    /// Answers a request from a node of region `from`.
+    pub async fn serve(&self, from: &str, req: GeoRequest) -> GeoResponse {
+        match self.serve_inner(from, req).await {
+            Ok(r) => r,
+            Err(e) if e.denied => GeoResponse::Denied(e.message),
+            Err(e) => GeoResponse::Failed(e.message),
+        }
+    }
+
+    async fn serve_inner(&self, from: &str, req: GeoRequest) -> Ship<GeoResponse> {
+        let api = |e: ApiError| GeoError::failed(e.to_string());
+        let st = |e: engine::state::StateError| GeoError::failed(e.to_string());
+        match req {
+            GeoRequest::Ping => Ok(GeoResponse::Pong),
+            GeoRequest::Offer { target, blobs } => {
+                self.admit_shipment(from, &target)?;
+                bounded(blobs.len(), "blobs offered")?;
+                let mut missing = Vec::new();
+                for (d, size) in blobs {
+                    match self.state().blob(&d).map_err(st)? {
+                        Some(rec) if rec.size_bytes == size => {
+                            if self
+                                .state()
+                                .blob_link(target.account, &target.repo, &d)
+                                .map_err(st)?
+                                .is_none()
+                            {
+                                self.propose(Command::BlobCommitted {
+                                    account: target.account,
+                                    repo: target.repo.clone(),
+                                    digest: d,
+                                    size_bytes: size,
+                                    holders: rec.holders,
+                                    now_ms: self.registry.now_ms(),
+                                })
+                                .await?;
+                            }
+                        }
+                        Some(rec) => {
+                            return Err(GeoError::failed(format!(
+                                "blob {d} is {} bytes here, offered as {size}",
+                                rec.size_bytes
+                            )))
+                        }
+                        None => missing.push(d),
+                    }
+                }
+                Ok(GeoResponse::MissingBlobs(missing))
+            }
+            GeoRequest::ChunkQuery { chunks } => {
+                bounded(chunks.len(), "chunks queried")?;
+                let store = self.registry.blob_store().clone();
+                let missing = self
+                    .registry
+                    .blocking(move || {
+                        let mut missing = Vec::new();
+                        for (i, c) in chunks.iter().enumerate() {
+                            let have = store
+                                .chunk_bytes(&c.hash, c.len_bytes)
+                                .map_err(|e| ApiError::Internal(e.to_string()))?;
+                            if have.is_none() {
+                                missing.push(i as u32);
+                            }
+                        }
+                        Ok(missing)
+                    })
+                    .await
+                    .map_err(api)?;
+                Ok(GeoResponse::MissingChunks(missing))
+            }
+            GeoRequest::Chunks { chunks } => {
+                bounded(chunks.len(), "chunks sent")?;
+                let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+                if total > GEO_BATCH_BYTES_MAX {
+                    return Err(GeoError::failed(format!(
+                        "{total} chunk bytes in one message; the bound is {GEO_BATCH_BYTES_MAX}"
+                    )));
+                }
+                let store = self.registry.blob_store().clone();
+                let now = self.registry.now_ms();
+                self.registry
+                    .blocking(move || {
+                        for c in &chunks {
+                            let hash: [u8; 32] = blake3::hash(c).into();
+                            store
+                                .stage_chunk(&hash, c, now)
+                                .map_err(|e| ApiError::BlobUploadInvalid(e.to_string()))?;
+                        }
+                        Ok(())
+                    })
+                    .await
+                    .map_err(api)?;
+                Ok(GeoResponse::Done)
+            }
+            GeoRequest::Assemble {
+                target,
+                digest,
+                size_bytes,
+                chunks,
+            } => {
+                self.admit_shipment(from, &target)?;
+                self.assemble(&target, &digest, size_bytes, chunks).await?;
+                Ok(GeoResponse::Done)
+            }
+            GeoRequest::Apply { target, change } => {
+                self.admit_shipment(from, &target)?;
+                self.apply_change(from, &target, change).await?;
+                Ok(GeoResponse::Done)
+            }
+            GeoRequest::FetchManifest { target, reference } => {
+                self.admit_read_through(from, &target)?;
+                let reference = Reference::parse(&reference)
+                    .map_err(|e| GeoError::failed(format!("reference: {e}")))?;
+                let digest = match &reference {
+                    Reference::Digest(d) => Some(d.clone()),
+                    Reference::Tag(t) => self
+                        .state()
+                        .tag(target.source_account, &target.repo, t)
+                        .map_err(st)?
+                        .map(|t| t.digest),
+                };
+                let found = match digest {
+                    Some(d) => self
+                        .state()
+                        .manifest(target.source_account, &target.repo, &d)
+                        .map_err(st)?
+                        .map(|m| (d, m)),
+                    None => None,
+                };
+                Ok(match found {
+                    Some((digest, m)) => GeoResponse::Manifest {
+                        digest,
+                        media_type: m.media_type,
+                        bytes: m.bytes,
+                    },
+                    None => GeoResponse::NotFound(format!("{}:{reference}", target.repo)),
+                })
+            }
+            GeoRequest::FetchBlobIndex { target, digest } => {
+                self.admit_read_through(from, &target)?;
+                let Some(link) = self
+                    .state()
+                    .blob_link(target.source_account, &target.repo, &digest)
+                    .map_err(st)?
+                else {
+                    return Ok(GeoResponse::NotFound(digest.to_string()));
+                };
+                self.registry.ensure_local(&digest).await.map_err(api)?;
+                Ok(GeoResponse::BlobIndex {
+                    size_bytes: link.size_bytes,
+                    chunks: self.chunk_index(&digest).await?,
+                })
+            }
+            GeoRequest::FetchChunks {
+                target,
+                digest,
+                indices,
+            } => {
+                self.admit_read_through(from, &target)?;
+                bounded(indices.len(), "chunks fetched")?;
+                if self
+                    .state()
+                    .blob_link(target.source_account, &target.repo, &digest)
+                    .map_err(st)?
+                    .is_none()
+                {
+                    return Ok(GeoResponse::NotFound(digest.to_string()));
+                }
+                let bytes = self.registry.ensure_local(&digest).await.map_err(api)?;
+                let chunks = self.chunk_index(&digest).await?;
+                let mut offsets = Vec::with_capacity(chunks.len());
+                let mut at = 0u64;
+                for c in &chunks {
+                    offsets.push(at);
+                    at += u64::from(c.len_bytes);
+                }
+                let mut out = Vec::new();
+                let mut total = 0u64;
+                for i in indices {
+                    let i = i as usize;
+                    let (Some(c), Some(o)) = (chunks.get(i), offsets.get(i)) else {
+                        return Err(GeoError::failed(format!("{digest} has no chunk {i}")));
+                    };
+                    total += u64::from(c.len_bytes);
+                    if total > GEO_BATCH_BYTES_MAX {
+                        return Err(GeoError::failed("chunks asked exceed one message"));
+                    }
+                    let part = bytes
+                        .get(*o as usize..(*o + u64::from(c.len_bytes)) as usize)
+                        .ok_or_else(|| GeoError::failed("chunk index overruns the blob"))?;
+                    out.push(part.to_vec());
+                }
+                Ok(GeoResponse::ChunkData(out))
+            }
+        }
+    }
+
+    async fn propose(&self, cmd: Command) -> Ship<()> {
+        match self
+            .registry
+            .propose_command(cmd)
+            .await
+            .map_err(|e| GeoError::failed(e.to_string()))?
+        {
+            Outcome::Done => Ok(()),
+            o => Err(GeoError::failed(format!("not applied: {o:?}"))),
+        }
+    }
+
+    /// A shipment from `from` into `target`: the account must exist here, and another
+    /// account's shipment needs this account's registry policy to allow it.
+    fn admit_shipment(&self, from: &str, target: &GeoTarget) -> Ship<()> {
+        let kv = self.registry.kv().clone();
+        let iam = Iam::new(kv.as_ref());
+        let st = |e: engine::state::StateError| GeoError::failed(e.to_string());
+        if target.account != AccountId::DEFAULT
+            && iam.account(target.account).map_err(st)?.is_none()
+        {
+            return Err(GeoError {
+                denied: true,
+                message: format!(
+                    "account {} does not exist in region {}",
+                    target.account, self.region
+                ),
+            });
+        }
+        if target.source_account == target.account {
+            return Ok(());
+        }
+        let policy = iam
+            .registry_policy(target.account)
+            .map_err(st)?
+            .and_then(|t| PolicyDocument::parse_resource(&t).ok());
+        let principal = Principal::root(&target.source_account.to_string());
+        let resource = format!(
+            "arn:aws:ecr:{}:{}:repository/{}",
+            self.region, target.account, target.repo
+        );
+        let account = target.account.to_string();
+        let context = BTreeMap::from([("portolan:sourceregion".to_string(), from.to_string())]);
+        let req = RequestContext {
+            principal: &principal,
+            action: "ecr:ReplicateImage",
+            resource: &resource,
+            resource_account: &account,
+            context: &context,
+        };
+        match policy.map(|p| p.verdict(&req, true)) {
+            Some(Verdict::Allow) => Ok(()),
+            _ => Err(GeoError {
+                denied: true,
+                message: format!(
+                    "the registry policy of account {} in region {} does not allow account {} to replicate (ecr:ReplicateImage)",
+                    target.account, self.region, target.source_account
+                ),
+            }),
+        }
+    }
+
+    /// A read-through from `from`: this region's rules must send the repository there.
+    fn admit_read_through(&self, from: &str, target: &GeoTarget) -> Ship<()> {
+        let dests = outbox::destinations(
+            self.registry.kv().as_ref(),
+            target.source_account,
+            &target.repo,
+        )
+        .map_err(|e| GeoError::failed(e.to_string()))?;
+        let wanted = Destination {
+            region: from.to_string(),
+            account: target.account,
+        };
+        if dests.contains(&wanted) {
+            Ok(())
+        } else {
+            Err(GeoError {
+                denied: true,
+                message: format!(
+                    "no replication rule of account {} sends {} to {from}/{}",
+                    target.source_account, target.repo, target.account
+                ),
+            })
+        }
+    }
+
+    async fn assemble(
+        &self,
+        target: &GeoTarget,
+        digest: &Digest,
+        size_bytes: u64,
+        chunks: Vec<ChunkRef>,
+    ) -> Ship<()> {
+        let limit = self.registry.limits().blob_bytes_max;
+        if size_bytes > limit {
+            return Err(GeoError::failed(format!(
+                "blob of {size_bytes} bytes is over this region's limit of {limit}"
+            )));
+        }
+        let sum: u64 = chunks.iter().map(|c| u64::from(c.len_bytes)).sum();
+        if sum != size_bytes {
+            return Err(GeoError::failed(format!(
+                "chunks of {digest} add up to {sum} bytes, not {size_bytes}"
+            )));
+        }
+        let store = self.registry.blob_store().clone();
+        let (d, tmp) = (digest.clone(), crate::rt::new_id());
+        let stored = self
+            .registry
+            .blocking(move || {
+                store
+                    .assemble_blob(&d, size_bytes, &chunks, &tmp)
+                    .map_err(|e| ApiError::BlobUploadInvalid(e.to_string()))
+            })
+            .await
+            .map_err(|e| GeoError::failed(e.to_string()))?;
+        self.registry
+            .commit_received(target.account, &target.repo, stored)
+            .await
+            .map_err(|e| GeoError::failed(e.to_string()))
+    }
+
+    async fn apply_change(&self, from: &str, target: &GeoTarget, change: GeoChange) -> Ship<()> {
+        let (account, repo) = (target.account, target.repo.clone());
+        let stamped_here = |s: &engine::origin::Stamp| {
+            if s.region == from {
+                Ok(())
+            } else {
+                Err(GeoError::failed(format!(
+                    "region {from} sent a change stamped by {}",
+                    s.region
+                )))
+            }
+        };
+        match change {
+            GeoChange::ManifestPut {
+                digest,
+                media_type,
+                bytes,
+                tag,
+                stamp,
+            } => {
+                let limit = self.registry.limits().manifest_bytes_max;
+                manifest::parse(&bytes, &media_type, limit)
+                    .map_err(|e| GeoError::failed(format!("manifest {digest}: {e}")))?;
+                if Digest::of(digest.algorithm(), &bytes) != digest {
+                    return Err(GeoError::failed(format!("manifest bytes are not {digest}")));
+                }
+                let stamp = match (&tag, stamp) {
+                    (Some(_), Some(s)) => {
+                        stamped_here(&s)?;
+                        s
+                    }
+                    (Some(_), None) => return Err(GeoError::failed("a tag move without a stamp")),
+                    // A manifest without a tag carries no stamp; the state ignores it.
+                    (None, _) => engine::origin::Stamp {
+                        hlc: 0,
+                        region: from.to_string(),
+                    },
+                };
+                self.propose(Command::ReplicaManifestPut {
+                    account,
+                    repo,
+                    digest,
+                    media_type,
+                    bytes,
+                    tag,
+                    stamp,
+                    now_ms: self.registry.now_ms(),
+                })
+                .await
+            }
+            GeoChange::TagDeleted { tag, stamp } => {
+                stamped_here(&stamp)?;
+                self.propose(Command::ReplicaTagDeleted {
+                    account,
+                    repo,
+                    tag,
+                    stamp,
+                })
+                .await
+            }
+            GeoChange::ManifestDeleted { digest } => {
+                self.propose(Command::ReplicaManifestDeleted {
+                    account,
+                    repo,
+                    digest,
+                })
+                .await
+            }
+        }
+    }
+
+    // ---- read-through ----
+
+    /// A manifest this region lacks, from the nearest region whose rules send it here
+    /// (verified against its digest; served, not stored: it arrives with its blobs through
+    /// replication, so a tag here never points at a manifest whose blobs are missing).
+    pub async fn read_manifest(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Option<Manifest> {
+        let target = GeoTarget {
+            source_account: account,
+            account,
+            repo: repo.clone(),
+        };
+        for region in self.link.nearest() {
+            let r = self
+                .link
+                .call(&region, || GeoRequest::FetchManifest {
+                    target: target.clone(),
+                    reference: reference.to_string(),
+                })
+                .await;
+            if let Ok(GeoResponse::Manifest {
+                digest,
+                media_type,
+                bytes,
+            }) = r
+            {
+                let actual = Digest::of(digest.algorithm(), &bytes);
+                let matches = match reference {
+                    Reference::Digest(d) => *d == actual,
+                    Reference::Tag(_) => actual == digest,
+                };
+                if matches {
+                    self.read_through_manifests.fetch_add(1, Ordering::Relaxed);
+                    return Some(Manifest {
+                        digest,
+                        media_type,
+                        bytes: Bytes::from(bytes),
+                    });
+                }
+                tracing::warn!(%region, %digest, "read-through manifest did not verify");
+            }
+        }
+        None
+    }
+
+    /// A blob this region lacks, fetched from the nearest region whose rules send it here
+    /// (only the chunks this node lacks), verified, stored on the region's write quorum and
+    /// committed. Returns whether it was found.
+    pub async fn read_blob(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<bool, ApiError> {
+        let target = GeoTarget {
+            source_account: account,
+            account,
+            repo: repo.clone(),
+        };
+        let mut last = None;
+        for region in self.link.nearest() {
+            match self.read_blob_from(&region, &target, digest).await {
+                Ok(true) => {
+                    self.read_through_blobs.fetch_add(1, Ordering::Relaxed);
+                    return Ok(true);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%region, %digest, error = %e, "read-through failed");
+                    last = Some(e);
+                }
+            }
+        }
+        match last {
+            Some(e) if !e.denied => Err(ApiError::Unavailable(format!(
+                "blob {digest} is not here yet and no other region could send it: {e}"
+            ))),
+            _ => Ok(false),
+        }
+    }
+
+    async fn read_blob_from(
+        &self,
+        region: &str,
+        target: &GeoTarget,
+        digest: &Digest,
+    ) -> Ship<bool> {
+        let node = self.link.pick(region)?;
+        let (size, chunks) = match self
+            .link
+            .call_node(
+                region,
+                node,
+                GeoRequest::FetchBlobIndex {
+                    target: target.clone(),
+                    digest: digest.clone(),
+                },
+            )
+            .await?
+        {
+            GeoResponse::BlobIndex { size_bytes, chunks } => (size_bytes, chunks),
+            GeoResponse::NotFound(_) => return Ok(false),
+            other => return Err(GeoError::failed(format!("blob index answered {other:?}"))),
+        };
+        let store = self.registry.blob_store().clone();
+        let query = chunks.clone();
+        let missing: Vec<u32> = self
+            .registry
+            .blocking(move || {
+                let mut m = Vec::new();
+                for (i, c) in query.iter().enumerate() {
+                    if store
+                        .chunk_bytes(&c.hash, c.len_bytes)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?
+                        .is_none()
+                    {
+                        m.push(i as u32);
+                    }
+                }
+                Ok(m)
+            })
+            .await
+            .map_err(|e| GeoError::failed(e.to_string()))?;
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0u64;
+        for (n, i) in missing.iter().enumerate() {
+            batch_bytes += u64::from(chunks[*i as usize].len_bytes);
+            batch.push(*i);
+            if batch_bytes >= GEO_BATCH_BYTES_MAX / 2
+                || batch.len() == GEO_LIST_MAX
+                || n + 1 == missing.len()
+            {
+                let indices = std::mem::take(&mut batch);
+                let data = match self
+                    .link
+                    .call_node(
+                        region,
+                        node,
+                        GeoRequest::FetchChunks {
+                            target: target.clone(),
+                            digest: digest.clone(),
+                            indices: indices.clone(),
+                        },
+                    )
+                    .await?
+                {
+                    GeoResponse::ChunkData(d) if d.len() == indices.len() => d,
+                    other => {
+                        return Err(GeoError::failed(format!(
+                            "chunk fetch answered {}",
+                            match other {
+                                GeoResponse::ChunkData(d) => format!("{} chunks", d.len()),
+                                o => format!("{o:?}"),
+                            }
+                        )))
+                    }
+                };
+                self.read_through_bytes
+                    .fetch_add(batch_bytes, Ordering::Relaxed);
+                batch_bytes = 0;
+                let store = self.registry.blob_store().clone();
+                let now = self.registry.now_ms();
+                let expected: Vec<ChunkRef> = indices.iter().map(|i| chunks[*i as usize]).collect();
+                self.registry
+                    .blocking(move || {
+                        for (c, bytes) in expected.iter().zip(&data) {
+                            store
+                                .stage_chunk(&c.hash, bytes, now)
+                                .map_err(|e| ApiError::BlobUploadInvalid(e.to_string()))?;
+                        }
+                        Ok(())
+                    })
+                    .await
+                    .map_err(|e| GeoError::failed(e.to_string()))?;
+            }
+        }
+        self.assemble(target, digest, size, chunks).await?;
+        Ok(true)
+    }
+
+    // ---- reporting ----
+
+    /// Replication state per destination, for `/_portolan/v1/replication` and `/metrics`.
+    pub fn report(&self) -> Vec<DestReport> {
+        let kv = self.registry.kv().clone();
+        let last = outbox::last_seq(kv.as_ref()).unwrap_or(0);
+        let now = self.registry.now_ms();
+        let mut dests: Vec<Destination> =
+            outbox::known_destinations(kv.as_ref()).unwrap_or_default();
+        for (d, _) in self.all_stats() {
+            if !dests.contains(&d) {
+                dests.push(d);
+            }
+        }
+        dests
+            .into_iter()
+            .map(|d| {
+                let cursor = outbox::cursor(kv.as_ref(), &d).unwrap_or(0);
+                let pending = outbox::events_after(kv.as_ref(), cursor, 1024)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|e| e.destinations.contains(&d))
+                    .collect::<Vec<_>>();
+                let oldest = pending.iter().map(|e| e.at_ms).filter(|t| *t > 0).min();
+                let s = self.stats(&d);
+                let lag = s.lag_ms.lock().expect("stats lock").clone();
+                let last_error = s.last_error.lock().expect("stats lock").clone();
+                DestReport {
+                    events_behind: pending.len() as u64,
+                    seconds_behind: oldest.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0),
+                    cursor,
+                    last_seq: last,
+                    failure: outbox::failure(kv.as_ref(), &d).ok().flatten(),
+                    last_error,
+                    busy: s.busy.load(Ordering::Relaxed),
+                    bytes_logical: s.bytes_logical.load(Ordering::Relaxed),
+                    bytes_shipped: s.bytes_shipped.load(Ordering::Relaxed),
+                    blobs_shipped: s.blobs_shipped.load(Ordering::Relaxed),
+                    blobs_present: s.blobs_present.load(Ordering::Relaxed),
+                    events_shipped: s.events_shipped.load(Ordering::Relaxed),
+                    lag_ms: lag,
+                    region: d.region.clone(),
+                    account: d.account.to_string(),
+                    destination: d,
+                }
+            })
+            .collect()
+    }
+}
+
+impl<P: Platform> crate::registry::ReadThrough for Georep<P> {
+    fn manifest<'a>(
+        &'a self,
+        account: AccountId,
+        repo: &'a RepoName,
+        reference: &'a Reference,
+    ) -> futures_util::future::BoxFuture<'a, Option<Manifest>> {
+        Box::pin(self.read_manifest(account, repo, reference))
+    }
+
+    fn blob<'a>(
+        &'a self,
+        account: AccountId,
+        repo: &'a RepoName,
+        digest: &'a Digest,
+    ) -> futures_util::future::BoxFuture<'a, Result<bool, ApiError>> {
+        Box::pin(self.read_blob(account, repo, digest))
+    }
+}
+
+/// One destination's replication state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DestReport {
+    #[serde(skip)]
+    pub destination: Destination,
+    /// The destination region and account (`registryId`).
+    pub region: String,
+    pub account: String,
+    pub cursor: u64,
+    pub last_seq: u64,
+    pub events_behind: u64,
+    pub seconds_behind: f64,
+    pub failure: Option<String>,
+    pub last_error: Option<String>,
+    pub busy: bool,
+    pub bytes_logical: u64,
+    pub bytes_shipped: u64,
+    pub blobs_shipped: u64,
+    pub blobs_present: u64,
+    pub events_shipped: u64,
+    #[serde(skip)]
+    pub lag_ms: Vec<u64>,
+}
+
+fn bounded(n: usize, what: &str) -> Ship<()> {
+    if n > GEO_LIST_MAX {
+        Err(GeoError::failed(format!(
+            "{n} {what} in one message; the bound is {GEO_LIST_MAX}"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_match_by_prefix() {
+        let net = parse_cidr("10.1.0.0/16").unwrap();
+        assert!(in_cidr("10.1.200.3".parse().unwrap(), net));
+        assert!(!in_cidr("10.2.0.1".parse().unwrap(), net));
+        assert!(in_cidr(
+            "127.0.0.2".parse().unwrap(),
+            parse_cidr("127.0.0.2/32").unwrap()
+        ));
+        assert!(in_cidr(
+            "1.2.3.4".parse().unwrap(),
+            parse_cidr("0.0.0.0/0").unwrap()
+        ));
+        assert!(parse_cidr("10.0.0.0/33").is_none());
+        assert!(parse_cidr("nonsense").is_none());
+    }
+}
