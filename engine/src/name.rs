@@ -206,7 +206,15 @@ impl fmt::Display for Reference {
 
 /// A tenant: 12 decimal digits, as ECR's registryId.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "u64")]
 pub struct AccountId(u64);
+
+impl TryFrom<u64> for AccountId {
+    type Error = NameError;
+    fn try_from(v: u64) -> Result<AccountId, NameError> {
+        AccountId::from_u64(v).ok_or_else(|| NameError::BadAccount(v.to_string()))
+    }
+}
 
 impl AccountId {
     /// The account of the single-node default.
@@ -225,6 +233,11 @@ impl AccountId {
 
     pub fn as_u64(self) -> u64 {
         self.0
+    }
+
+    /// The account numbered `v`, if it has at most 12 digits.
+    pub fn from_u64(v: u64) -> Option<AccountId> {
+        (v <= 999_999_999_999).then_some(AccountId(v))
     }
 }
 

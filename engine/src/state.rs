@@ -332,6 +332,34 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
         self.page(Cf::Repos, &prefix, last, n)
     }
 
+    /// Repositories of every account after `after` (exclusive), at most `n`, in key order.
+    pub fn repos_after(
+        &self,
+        after: Option<(AccountId, &RepoName)>,
+        n: usize,
+    ) -> Result<Vec<(AccountId, RepoName)>, StateError> {
+        let mut start = match after {
+            Some((a, r)) => keys::repo_key(a, r),
+            None => Vec::new(),
+        };
+        if after.is_some() {
+            start.push(0);
+        }
+        let mut out = Vec::new();
+        for (k, _) in self.kv.scan(Cf::Repos, b"", &start, n)? {
+            let Some((acct, name)) = k.split_first_chunk::<8>() else {
+                continue;
+            };
+            let Some(acct) = AccountId::from_u64(u64::from_be_bytes(*acct)) else {
+                continue;
+            };
+            if let Ok(repo) = RepoName::parse(&String::from_utf8_lossy(name)) {
+                out.push((acct, repo));
+            }
+        }
+        Ok(out)
+    }
+
     fn page(
         &self,
         cf: Cf,

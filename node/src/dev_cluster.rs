@@ -41,6 +41,8 @@ struct NodeEntry {
     quic: String,
     pid: u32,
     data_dir: PathBuf,
+    /// The `portolan` arguments that start this node again (`drill region-loss` uses them).
+    args: Vec<String>,
 }
 
 struct Running {
@@ -67,6 +69,7 @@ struct NodeSpec<'a> {
 /// A started node: its process, HTTP address, and the administrator key it generated (first
 /// start of a region's first node only).
 struct Started {
+    args: Vec<String>,
     child: Child,
     http: String,
     admin_key: Option<(String, String)>,
@@ -131,6 +134,10 @@ fn spawn(exe: &Path, spec: &NodeSpec<'_>) -> Result<Started> {
     });
     match rx.recv_timeout(NODE_START_TIMEOUT) {
         Ok((http, admin_key)) => Ok(Started {
+            args: cmd
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
             child,
             http,
             admin_key,
@@ -164,6 +171,24 @@ async fn is_member(http: &str, id: u64) -> Result<bool> {
         .into_iter()
         .flatten()
         .any(|m| m["id"].as_u64() == Some(id)))
+}
+
+/// Nodes `cluster.json` lists under a pid this process did not start (restarted by
+/// `portolan drill region-loss`) are stopped too.
+fn stop_restarted(path: &Path, running: &[Running]) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let Ok(nodes) = serde_json::from_str::<Vec<serde_json::Value>>(&text) else {
+        return;
+    };
+    for pid in nodes.iter().filter_map(|n| n["pid"].as_u64()) {
+        if !running.iter().any(|r| u64::from(r.entry.pid) == pid) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
 }
 
 fn stop_all(nodes: &mut [Running]) {
@@ -216,6 +241,7 @@ impl DevCluster {
         println!("wrote {}; Ctrl-C stops every node", path.display());
         wait_for_stop().await;
         println!("stopping {} node(s)", running.len());
+        stop_restarted(&path, &running);
         stop_all(&mut running);
         Ok(())
     }
@@ -328,6 +354,7 @@ impl DevCluster {
                         quic: String::new(),
                         pid,
                         data_dir,
+                        args: started.args.clone(),
                     },
                     child: started.child,
                 });

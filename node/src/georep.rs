@@ -1388,6 +1388,208 @@ impl<P: Platform> crate::registry::ReadThrough for Georep<P> {
     }
 }
 
+/// Items an inventory lists at most (a larger one says it is truncated).
+pub const INVENTORY_ITEMS_MAX: usize = 20_000;
+
+/// One image the rules send to a region: where it lands there, what it needs, its tags.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct InventoryItem {
+    /// The account it lands in, in the destination region.
+    pub account: AccountId,
+    pub repo: RepoName,
+    pub digest: Digest,
+    pub media_type: String,
+    pub manifest_bytes: u64,
+    pub blobs: Vec<(Digest, u64)>,
+    pub tags: Vec<(engine::Tag, Option<engine::origin::Stamp>)>,
+    pub pushed_ms: u64,
+}
+
+/// What a region holds of an inventory.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct VerifyReport {
+    pub items: u64,
+    pub ok: u64,
+    /// Images missing, or missing a blob, or holding a blob whose bytes do not verify.
+    pub lost: Vec<String>,
+    /// Tags that point elsewhere with an older stamp (a newer one there is not a loss).
+    pub stale_tags: Vec<String>,
+    /// Bytes of the images listed in `lost`.
+    pub lost_bytes: u64,
+    /// The oldest push among the lost images (Unix ms), for the recovery point.
+    pub oldest_lost_ms: Option<u64>,
+}
+
+impl<P: Platform> Georep<P> {
+    /// Every image this region's rules send to `region`, with blobs and stamped tags.
+    pub fn inventory(&self, region: &str) -> Result<(Vec<InventoryItem>, bool), ApiError> {
+        let kv = self.registry.kv().clone();
+        let st = State::new(kv.as_ref());
+        let e = |e: engine::state::StateError| ApiError::Internal(e.to_string());
+        let mut out = Vec::new();
+        let mut after: Option<(AccountId, RepoName)> = None;
+        loop {
+            let repos = st
+                .repos_after(after.as_ref().map(|(a, r)| (*a, r)), 256)
+                .map_err(e)?;
+            let Some(last) = repos.last().cloned() else {
+                break;
+            };
+            for (acct, repo) in &repos {
+                let dests: Vec<Destination> = outbox::destinations(kv.as_ref(), *acct, repo)
+                    .map_err(e)?
+                    .into_iter()
+                    .filter(|d| d.region == region)
+                    .collect();
+                if dests.is_empty() {
+                    continue;
+                }
+                let mut tags: BTreeMap<Digest, Vec<(engine::Tag, Option<engine::origin::Stamp>)>> =
+                    BTreeMap::new();
+                let mut tag_after: Option<String> = None;
+                loop {
+                    let page = st
+                        .tag_records(*acct, repo, tag_after.as_deref(), 1024)
+                        .map_err(e)?;
+                    for (name, rec) in &page {
+                        if let Ok(tag) = engine::Tag::parse(name) {
+                            let stamp = engine::origin::current(kv.as_ref(), *acct, repo, &tag)
+                                .map_err(e)?
+                                .map(|o| o.stamp);
+                            tags.entry(rec.digest.clone())
+                                .or_default()
+                                .push((tag, stamp));
+                        }
+                    }
+                    match page.last() {
+                        Some((n, _)) if page.len() == 1024 => tag_after = Some(n.clone()),
+                        _ => break,
+                    }
+                }
+                let mut m_after: Option<String> = None;
+                loop {
+                    let page = st
+                        .manifests_page(*acct, repo, m_after.as_deref(), 256)
+                        .map_err(e)?;
+                    for (d, m) in &page {
+                        let Ok(digest) = Digest::parse(d) else {
+                            continue;
+                        };
+                        let mut blobs = Vec::new();
+                        if let Ok(parsed) = manifest::parse(&m.bytes, &m.media_type, u64::MAX) {
+                            for b in parsed.required_blobs() {
+                                if let Some(rec) = st.blob(b).map_err(e)? {
+                                    blobs.push((b.clone(), rec.size_bytes));
+                                }
+                            }
+                        }
+                        for dest in &dests {
+                            if out.len() >= INVENTORY_ITEMS_MAX {
+                                return Ok((out, true));
+                            }
+                            out.push(InventoryItem {
+                                account: dest.account,
+                                repo: repo.clone(),
+                                digest: digest.clone(),
+                                media_type: m.media_type.clone(),
+                                manifest_bytes: m.bytes.len() as u64,
+                                blobs: blobs.clone(),
+                                tags: tags.get(&digest).cloned().unwrap_or_default(),
+                                pushed_ms: m.pushed_ms,
+                            });
+                        }
+                    }
+                    match page.last() {
+                        Some((n, _)) if page.len() == 256 => m_after = Some(n.clone()),
+                        _ => break,
+                    }
+                }
+            }
+            if repos.len() < 256 {
+                break;
+            }
+            after = Some(last);
+        }
+        Ok((out, false))
+    }
+
+    /// Checks that this region holds every item: manifest, tags (or newer ones), and blobs
+    /// whose bytes verify against their digests.
+    pub async fn verify(&self, items: &[InventoryItem]) -> Result<VerifyReport, ApiError> {
+        let kv = self.registry.kv().clone();
+        let e = |e: engine::state::StateError| ApiError::Internal(e.to_string());
+        let mut report = VerifyReport {
+            items: items.len() as u64,
+            ..VerifyReport::default()
+        };
+        for item in items {
+            let st = State::new(kv.as_ref());
+            let name = format!("{}/{}@{}", item.account, item.repo, item.digest);
+            let mut problem = None;
+            if st
+                .manifest(item.account, &item.repo, &item.digest)
+                .map_err(e)?
+                .is_none()
+            {
+                problem = Some(format!("{name}: manifest missing"));
+            }
+            for (b, size) in &item.blobs {
+                if problem.is_some() {
+                    break;
+                }
+                if st
+                    .blob_link(item.account, &item.repo, b)
+                    .map_err(e)?
+                    .is_none()
+                {
+                    problem = Some(format!("{name}: blob {b} missing"));
+                    break;
+                }
+                match self.registry.ensure_local(b).await {
+                    Ok(bytes)
+                        if bytes.len() as u64 == *size
+                            && Digest::of(b.algorithm(), &bytes) == *b => {}
+                    Ok(_) => problem = Some(format!("{name}: blob {b} does not verify")),
+                    Err(err) => problem = Some(format!("{name}: blob {b} unreadable: {err}")),
+                }
+            }
+            for (tag, stamp) in &item.tags {
+                let here = st.tag(item.account, &item.repo, tag).map_err(e)?;
+                if here.as_ref().is_some_and(|t| t.digest == item.digest) {
+                    continue;
+                }
+                let here_stamp =
+                    engine::origin::current(kv.as_ref(), item.account, &item.repo, tag)
+                        .map_err(e)?
+                        .map(|o| o.stamp);
+                let newer_here = match (here_stamp, stamp) {
+                    (Some(h), Some(s)) => h > *s,
+                    _ => false,
+                };
+                if !newer_here {
+                    report
+                        .stale_tags
+                        .push(format!("{}/{}:{tag}", item.account, item.repo));
+                }
+            }
+            match problem {
+                Some(p) => {
+                    report.lost_bytes +=
+                        item.manifest_bytes + item.blobs.iter().map(|(_, s)| s).sum::<u64>();
+                    report.oldest_lost_ms = Some(
+                        report
+                            .oldest_lost_ms
+                            .map_or(item.pushed_ms, |o| o.min(item.pushed_ms)),
+                    );
+                    report.lost.push(p);
+                }
+                None => report.ok += 1,
+            }
+        }
+        Ok(report)
+    }
+}
+
 /// One destination's replication state.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DestReport {

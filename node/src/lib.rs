@@ -7,6 +7,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod dev_cluster;
+pub mod drill;
 pub mod ecr;
 pub mod georep;
 pub mod listener;

@@ -43,6 +43,9 @@ enum Cmd {
     /// Access keys (the account's root key).
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Disaster-recovery drills across regions.
+    #[command(subcommand)]
+    Drill(DrillCmd),
     /// Start N regions of M nodes on loopback, write DIR/cluster.json, stop all on Ctrl-C.
     DevCluster {
         #[arg(long, default_value_t = 1)]
@@ -61,6 +64,38 @@ enum Cmd {
         /// Delay added to each cross-region message, both ways (WAN emulation).
         #[arg(long, default_value_t = 0)]
         wan_delay_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DrillCmd {
+    /// Check that every image SOURCE's rules send to TARGET is there and verifies by digest;
+    /// report the recovery point (what TARGET would lose if SOURCE vanished now). Exit 1 on
+    /// loss.
+    Verify {
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        target: String,
+        /// A node of the source region (else found in --cluster-dir's cluster.json).
+        #[arg(long)]
+        source_url: Option<String>,
+        /// A node of the target region.
+        #[arg(long)]
+        target_url: Option<String>,
+        #[arg(long, default_value = "./portolan-dev-cluster")]
+        cluster_dir: PathBuf,
+    },
+    /// On a dev-cluster: kill every node of REGION, check pulls from the other regions,
+    /// restart it and measure its catch-up. Exit 1 on loss.
+    RegionLoss {
+        #[arg(long)]
+        region: String,
+        #[arg(long, default_value = "./portolan-dev-cluster")]
+        cluster_dir: PathBuf,
+        /// How long the region may take to come back and catch up.
+        #[arg(long, default_value_t = 120)]
+        catch_up_timeout_s: u64,
     },
 }
 
@@ -286,6 +321,48 @@ fn main() -> Result<()> {
             "RevokeAccessKey",
             serde_json::json!({ "accessKeyId": key_id }),
         ),
+        Cmd::Drill(d) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("start runtime")?;
+            let ok = rt.block_on(async {
+                match d {
+                    DrillCmd::Verify {
+                        source,
+                        target,
+                        source_url,
+                        target_url,
+                        cluster_dir,
+                    } => {
+                        portolan_node::drill::run_verify(
+                            &source,
+                            &target,
+                            source_url,
+                            target_url,
+                            &cluster_dir,
+                        )
+                        .await
+                    }
+                    DrillCmd::RegionLoss {
+                        region,
+                        cluster_dir,
+                        catch_up_timeout_s,
+                    } => {
+                        portolan_node::drill::run_region_loss(
+                            &region,
+                            &cluster_dir,
+                            std::time::Duration::from_secs(catch_up_timeout_s),
+                        )
+                        .await
+                    }
+                }
+            })?;
+            if !ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::DevCluster {
             regions,
             nodes,

@@ -330,6 +330,15 @@ impl Node {
                 axum::routing::post(replication_link),
             )
             .route(
+                "/_portolan/v1/replication/inventory",
+                get(replication_inventory),
+            )
+            .route(
+                "/_portolan/v1/replication/verify",
+                axum::routing::post(replication_verify)
+                    .layer(axum::extract::DefaultBodyLimit::max(VERIFY_BODY_BYTES_MAX)),
+            )
+            .route(
                 "/_portolan/v1/cluster/members/{id}",
                 axum::routing::delete(remove_member),
             )
@@ -696,6 +705,82 @@ struct LinkBody {
     paused: Option<bool>,
     blocked: Option<bool>,
     delay_ms: Option<u64>,
+}
+
+/// Largest inventory a verify request may carry.
+const VERIFY_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+async fn replication_inventory(
+    State(st): State<Arc<StatusState>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> axum::response::Response {
+    let region = query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("region="))
+        .unwrap_or_default()
+        .to_string();
+    if region.is_empty() || region.len() > 64 {
+        return admin_error(
+            axum::http::StatusCode::BAD_REQUEST,
+            "?region=<destination region> is required".into(),
+        );
+    }
+    let Some(g) = &st.georep else {
+        return admin_error(
+            axum::http::StatusCode::CONFLICT,
+            "this node replicates with no other region".into(),
+        );
+    };
+    match g.inventory(&region) {
+        Ok((items, truncated)) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({ "region": st.region, "destination": region, "truncated": truncated, "items": items }).to_string(),
+        )
+            .into_response(),
+        Err(e) => admin_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct VerifyBody {
+    items: Vec<crate::georep::InventoryItem>,
+}
+
+async fn replication_verify(
+    State(st): State<Arc<StatusState>>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    let Some(g) = &st.georep else {
+        return admin_error(
+            axum::http::StatusCode::CONFLICT,
+            "this node replicates with no other region".into(),
+        );
+    };
+    let b: VerifyBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return admin_error(
+                axum::http::StatusCode::BAD_REQUEST,
+                format!("body is not an inventory {{items: [...]}}: {e}"),
+            )
+        }
+    };
+    if b.items.len() > crate::georep::INVENTORY_ITEMS_MAX {
+        return admin_error(
+            axum::http::StatusCode::BAD_REQUEST,
+            format!("at most {} items", crate::georep::INVENTORY_ITEMS_MAX),
+        );
+    }
+    match g.verify(&b.items).await {
+        Ok(r) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&r).unwrap_or_default(),
+        )
+            .into_response(),
+        Err(e) => admin_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 /// Largest emulated WAN delay.
