@@ -15,8 +15,6 @@
 //! claim about who it is (the connection's certificate says which region it is).
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +28,7 @@ use engine::outbox::{self, Change, Destination, OutboxEvent};
 use engine::policy::{PolicyDocument, Principal, RequestContext, Verdict};
 use engine::state::{Command, Outcome, State};
 use engine::{AccountId, Digest, Reference, RepoName};
+use futures_util::StreamExt;
 use registry_api::error::ApiError;
 use registry_api::registry::{Manifest, Registry};
 
@@ -49,6 +48,9 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const FAILURES_BEFORE_STATUS: u32 = 3;
 /// How often the other regions' round-trip times are measured.
 const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// Blobs shipped to one destination at once (their chunk batches bound the bytes in flight:
+/// `BLOBS_IN_FLIGHT * GEO_BATCH_BYTES_MAX / 2`).
+const BLOBS_IN_FLIGHT: usize = 4;
 /// Index manifests nest one level (an index of images); deeper nesting is not shipped.
 const MANIFEST_DEPTH_MAX: u32 = 2;
 
@@ -101,7 +103,8 @@ impl std::fmt::Display for GeoError {
 /// One other region as this node reaches it.
 struct Remote {
     name: String,
-    nodes: Vec<NodeInfo>,
+    /// Node ids are per region; production addresses peers by QUIC address alone.
+    nodes: Vec<(NodeId, NodeInfo)>,
     /// Smoothed round-trip time in microseconds (0: not measured yet).
     rtt_us: AtomicU64,
     /// The node that answered last (tried first).
@@ -118,29 +121,49 @@ pub struct GeoLink<T: Transport> {
 }
 
 impl<T: Transport> GeoLink<T> {
-    pub fn new(transport: Arc<T>, config: &ReplicationSection) -> GeoLink<T> {
+    /// The other regions of `[replication] regions`.
+    pub fn from_config(transport: Arc<T>, config: &ReplicationSection) -> GeoLink<T> {
         let remotes = config
             .regions
             .iter()
-            .map(|r| Remote {
-                name: r.name.clone(),
-                nodes: r
+            .map(|r| {
+                let nodes = r
                     .quic
                     .iter()
                     .zip(r.http.iter().map(Some).chain(std::iter::repeat(None)))
-                    .map(|(q, h)| NodeInfo {
-                        quic: q.clone(),
-                        http: h.cloned().unwrap_or_default(),
+                    .enumerate()
+                    .map(|(i, (q, h))| {
+                        let info = NodeInfo {
+                            quic: q.clone(),
+                            http: h.cloned().unwrap_or_default(),
+                        };
+                        (NodeId::MAX - i as NodeId, info)
                     })
-                    .collect(),
-                rtt_us: AtomicU64::new(0),
-                preferred: AtomicU64::new(0),
+                    .collect();
+                (r.name.clone(), nodes)
             })
             .collect();
+        GeoLink::new(transport, remotes, config.wan_delay_ms)
+    }
+
+    /// The named regions and their nodes.
+    pub fn new(
+        transport: Arc<T>,
+        remotes: Vec<(String, Vec<(NodeId, NodeInfo)>)>,
+        delay_ms: u64,
+    ) -> GeoLink<T> {
         GeoLink {
             transport,
-            remotes,
-            delay_ms: AtomicU64::new(config.wan_delay_ms),
+            remotes: remotes
+                .into_iter()
+                .map(|(name, nodes)| Remote {
+                    name,
+                    nodes,
+                    rtt_us: AtomicU64::new(0),
+                    preferred: AtomicU64::new(0),
+                })
+                .collect(),
+            delay_ms: AtomicU64::new(delay_ms),
             blocked: AtomicBool::new(false),
         }
     }
@@ -175,8 +198,8 @@ impl<T: Transport> GeoLink<T> {
             .map(|r| {
                 r.nodes
                     .iter()
-                    .filter(|n| !n.http.is_empty())
-                    .map(|n| n.http.clone())
+                    .filter(|(_, n)| !n.http.is_empty())
+                    .map(|(_, n)| n.http.clone())
                     .collect()
             })
             .unwrap_or_default()
@@ -201,7 +224,7 @@ impl<T: Transport> GeoLink<T> {
         req: GeoRequest,
     ) -> Result<GeoResponse, GeoError> {
         let r = self.remote(region)?;
-        let node = r
+        let (id, node) = r
             .nodes
             .get(index)
             .ok_or_else(|| GeoError::failed(format!("region {region} has no node {index}")))?;
@@ -212,11 +235,9 @@ impl<T: Transport> GeoLink<T> {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        // Node ids are per region; the transport addresses peers by their QUIC address.
-        let id = NodeId::MAX - index as NodeId;
         let resp = self
             .transport
-            .call(id, node, PeerRequest::Geo(req))
+            .call(*id, node, PeerRequest::Geo(req))
             .await
             .map_err(|e| GeoError::failed(format!("{region}: {e}")))?;
         if !delay.is_zero() {
@@ -267,7 +288,7 @@ impl<T: Transport> GeoLink<T> {
     pub async fn ping_loop(self: Arc<Self>) {
         loop {
             for r in &self.remotes {
-                let start = std::time::Instant::now();
+                let start = tokio::time::Instant::now();
                 if self.call(&r.name, || GeoRequest::Ping).await.is_ok() {
                     let us = start.elapsed().as_micros().max(1) as u64;
                     let old = r.rtt_us.load(Ordering::Relaxed);
@@ -324,13 +345,13 @@ type Ship<T> = Result<T, GeoError>;
 impl<P: Platform> Georep<P> {
     pub fn new(
         registry: Arc<NodeRegistry<P>>,
-        transport: Arc<P::Transport>,
+        link: GeoLink<P::Transport>,
         region: &str,
         config: &ReplicationSection,
     ) -> Arc<Georep<P>> {
         Arc::new(Georep {
             registry,
-            link: Arc::new(GeoLink::new(transport, config)),
+            link: Arc::new(link),
             region: region.to_string(),
             poll: Duration::from_millis(config.poll_interval_ms.max(1)),
             retry_max: Duration::from_millis(config.retry_max_ms.max(1)),
@@ -403,6 +424,7 @@ impl<P: Platform> Georep<P> {
     }
 
     async fn worker(self: Arc<Self>, dest: Destination) {
+        tracing::info!(region = %dest.region, account = %dest.account, "replication worker started");
         let stats = self.stats(&dest);
         let mut failures: u32 = 0;
         loop {
@@ -450,172 +472,247 @@ impl<P: Platform> Georep<P> {
             .await;
     }
 
-    /// Ships the next events; `Ok(false)` when there was nothing to do.
+    /// Ships the next events; `Ok(false)` when there was nothing to do. One round: the
+    /// changes of up to `EVENTS_PER_ROUND` events, the blobs they need offered once per
+    /// repository, each missing blob shipped once (a few at a time), then every change applied
+    /// in order in as few messages as fit.
     async fn round(&self, dest: &Destination, stats: &DestStats) -> Ship<bool> {
         let kv = self.registry.kv().clone();
         let local = |e: engine::state::StateError| GeoError::failed(format!("local state: {e}"));
         let cursor = outbox::cursor(kv.as_ref(), dest).map_err(local)?;
         let events = outbox::events_after(kv.as_ref(), cursor, EVENTS_PER_ROUND).map_err(local)?;
-        if events.is_empty() {
+        let Some(last) = events.last().map(|e| e.seq) else {
             return Ok(false);
-        }
-        let mut done = cursor;
-        let mut result = Ok(());
-        for ev in &events {
-            if ev.destinations.contains(dest) {
-                stats.busy.store(true, Ordering::Relaxed);
-                let r = self.ship_event(dest, ev, stats).await;
-                stats.busy.store(false, Ordering::Relaxed);
-                if let Err(e) = r {
-                    result = Err(e);
-                    break;
-                }
+        };
+        tracing::debug!(region = %dest.region, cursor, events = events.len(), "shipping outbox events");
+        stats.busy.store(true, Ordering::Relaxed);
+        let r = self.ship_events(dest, &events, stats).await;
+        stats.busy.store(false, Ordering::Relaxed);
+        r?;
+        let now = self.registry.now_ms();
+        {
+            let mut lag = stats.lag_ms.lock().expect("stats lock");
+            for ev in events.iter().filter(|e| e.destinations.contains(dest)) {
                 stats.events_shipped.fetch_add(1, Ordering::Relaxed);
                 if ev.at_ms > 0 {
-                    let lag = self.registry.now_ms().saturating_sub(ev.at_ms);
-                    let mut l = stats.lag_ms.lock().expect("stats lock");
-                    if l.len() >= LAG_SAMPLES_MAX {
-                        l.remove(0);
+                    if lag.len() >= LAG_SAMPLES_MAX {
+                        lag.remove(0);
                     }
-                    l.push(lag);
+                    lag.push(now.saturating_sub(ev.at_ms));
                 }
             }
-            done = ev.seq;
         }
-        if done > cursor {
-            self.registry
-                .propose_command(Command::ReplicationCursorAdvanced {
-                    destination: dest.clone(),
-                    seq: done,
-                })
-                .await
-                .map_err(|e| GeoError::failed(format!("advance the cursor: {e}")))?;
-        }
-        result.map(|()| true)
+        self.registry
+            .propose_command(Command::ReplicationCursorAdvanced {
+                destination: dest.clone(),
+                seq: last,
+            })
+            .await
+            .map_err(|e| GeoError::failed(format!("advance the cursor: {e}")))?;
+        Ok(true)
     }
 
-    async fn ship_event(
+    async fn ship_events(
         &self,
         dest: &Destination,
-        ev: &OutboxEvent,
+        events: &[OutboxEvent],
         stats: &DestStats,
     ) -> Ship<()> {
-        let target = GeoTarget {
-            source_account: ev.account,
-            account: dest.account,
-            repo: ev.repo.clone(),
-        };
-        let change = match &ev.change {
-            Change::ManifestPut { digest, tag, stamp } => {
-                let Some(m) = self
-                    .state()
-                    .manifest(ev.account, &ev.repo, digest)
-                    .map_err(|e| GeoError::failed(e.to_string()))?
-                else {
-                    // Deleted since; its delete event follows.
-                    return Ok(());
-                };
-                self.ship_contents(dest, &target, &m.bytes, &m.media_type, 0, stats)
-                    .await?;
-                stats
-                    .bytes_logical
-                    .fetch_add(m.bytes.len() as u64, Ordering::Relaxed);
-                stats
-                    .bytes_shipped
-                    .fetch_add(m.bytes.len() as u64, Ordering::Relaxed);
-                GeoChange::ManifestPut {
-                    digest: digest.clone(),
-                    media_type: m.media_type,
-                    bytes: m.bytes,
+        // The changes, in order (an index's children before it), and the blobs they need.
+        let mut changes: Vec<(GeoTarget, GeoChange)> = Vec::new();
+        let mut needs: BTreeMap<GeoTarget, BTreeMap<Digest, u64>> = BTreeMap::new();
+        for ev in events.iter().filter(|e| e.destinations.contains(dest)) {
+            let target = GeoTarget {
+                source_account: ev.account,
+                account: dest.account,
+                repo: ev.repo.clone(),
+            };
+            let change = match &ev.change {
+                Change::ManifestPut { digest, tag, stamp } => {
+                    let Some(m) = self
+                        .state()
+                        .manifest(ev.account, &ev.repo, digest)
+                        .map_err(|e| GeoError::failed(e.to_string()))?
+                    else {
+                        // Deleted since; its delete event follows.
+                        continue;
+                    };
+                    let blobs = needs.entry(target.clone()).or_default();
+                    self.collect(&target, &m.bytes, &m.media_type, 0, blobs, &mut changes)?;
+                    let logical = m.bytes.len() as u64;
+                    stats.bytes_logical.fetch_add(logical, Ordering::Relaxed);
+                    stats.bytes_shipped.fetch_add(logical, Ordering::Relaxed);
+                    GeoChange::ManifestPut {
+                        digest: digest.clone(),
+                        media_type: m.media_type,
+                        bytes: m.bytes,
+                        tag: tag.clone(),
+                        stamp: stamp.clone(),
+                    }
+                }
+                Change::TagDeleted { tag, stamp } => GeoChange::TagDeleted {
                     tag: tag.clone(),
                     stamp: stamp.clone(),
-                }
-            }
-            Change::TagDeleted { tag, stamp } => GeoChange::TagDeleted {
-                tag: tag.clone(),
-                stamp: stamp.clone(),
-            },
-            Change::ManifestDeleted { digest } => GeoChange::ManifestDeleted {
-                digest: digest.clone(),
-            },
-        };
-        self.apply(dest, &target, change).await
-    }
-
-    async fn apply(&self, dest: &Destination, target: &GeoTarget, change: GeoChange) -> Ship<()> {
-        match self
-            .link
-            .call(&dest.region, || GeoRequest::Apply {
-                target: target.clone(),
-                change: change.clone(),
-            })
-            .await?
-        {
-            GeoResponse::Done => Ok(()),
-            other => Err(GeoError::failed(format!("apply answered {other:?}"))),
+                },
+                Change::ManifestDeleted { digest } => GeoChange::ManifestDeleted {
+                    digest: digest.clone(),
+                },
+            };
+            changes.push((target, change));
         }
+        self.ship_blobs(dest, &needs, stats).await?;
+        self.apply(dest, changes).await
     }
 
-    /// Ships what a manifest needs in the destination: child manifests (each with its own
-    /// contents) and blobs.
-    fn ship_contents<'a>(
-        &'a self,
-        dest: &'a Destination,
-        target: &'a GeoTarget,
-        bytes: &'a [u8],
-        media_type: &'a str,
-        depth: u32,
-        stats: &'a DestStats,
-    ) -> Pin<Box<dyn Future<Output = Ship<()>> + Send + 'a>> {
-        Box::pin(async move {
-            let parsed = manifest::parse(bytes, media_type, u64::MAX)
-                .map_err(|e| GeoError::failed(format!("stored manifest does not parse: {e}")))?;
-            for child in parsed.required_manifests() {
-                if depth + 1 > MANIFEST_DEPTH_MAX {
-                    return Err(GeoError::failed("manifests nest too deep to ship"));
+    /// Applies changes in order, as many per message as fit.
+    async fn apply(&self, dest: &Destination, changes: Vec<(GeoTarget, GeoChange)>) -> Ship<()> {
+        let mut batch: Vec<(GeoTarget, GeoChange)> = Vec::new();
+        let mut bytes = 0u64;
+        let mut it = changes.into_iter().peekable();
+        while let Some(c) = it.next() {
+            if let GeoChange::ManifestPut { bytes: b, .. } = &c.1 {
+                bytes += b.len() as u64;
+            }
+            batch.push(c);
+            let next = it.peek().map_or(0, |(_, n)| match n {
+                GeoChange::ManifestPut { bytes: b, .. } => b.len() as u64,
+                _ => 0,
+            });
+            if it.peek().is_none()
+                || batch.len() == GEO_LIST_MAX
+                || bytes + next > GEO_BATCH_BYTES_MAX
+            {
+                let items = std::mem::take(&mut batch);
+                bytes = 0;
+                match self
+                    .link
+                    .call(&dest.region, || GeoRequest::Apply {
+                        items: items.clone(),
+                    })
+                    .await?
+                {
+                    GeoResponse::Done => {}
+                    other => return Err(GeoError::failed(format!("apply answered {other:?}"))),
                 }
-                let m = self
-                    .state()
-                    .manifest(target.source_account, &target.repo, child)
-                    .map_err(|e| GeoError::failed(e.to_string()))?
-                    .ok_or_else(|| GeoError::failed(format!("child manifest {child} is gone")))?;
-                self.ship_contents(dest, target, &m.bytes, &m.media_type, depth + 1, stats)
-                    .await?;
-                self.apply(
-                    dest,
-                    target,
-                    GeoChange::ManifestPut {
-                        digest: child.clone(),
-                        media_type: m.media_type.clone(),
-                        bytes: m.bytes.clone(),
-                        tag: None,
-                        stamp: None,
-                    },
-                )
-                .await?;
             }
-            let mut blobs = Vec::new();
-            for d in parsed.required_blobs() {
-                let rec = self
-                    .state()
-                    .blob(d)
-                    .map_err(|e| GeoError::failed(e.to_string()))?
-                    .ok_or_else(|| GeoError::failed(format!("blob {d} is not in this region")))?;
-                blobs.push((d.clone(), rec.size_bytes));
-            }
-            self.ship_blobs(dest, target, &blobs, stats).await
-        })
+        }
+        Ok(())
     }
 
+    /// Gathers what a manifest needs in the destination: its blobs, and its children (each
+    /// with its own needs, applied before it).
+    fn collect(
+        &self,
+        target: &GeoTarget,
+        bytes: &[u8],
+        media_type: &str,
+        depth: u32,
+        blobs: &mut BTreeMap<Digest, u64>,
+        changes: &mut Vec<(GeoTarget, GeoChange)>,
+    ) -> Ship<()> {
+        let parsed = manifest::parse(bytes, media_type, u64::MAX)
+            .map_err(|e| GeoError::failed(format!("stored manifest does not parse: {e}")))?;
+        for child in parsed.required_manifests() {
+            if depth + 1 > MANIFEST_DEPTH_MAX {
+                return Err(GeoError::failed("manifests nest too deep to ship"));
+            }
+            let m = self
+                .state()
+                .manifest(target.source_account, &target.repo, child)
+                .map_err(|e| GeoError::failed(e.to_string()))?
+                .ok_or_else(|| GeoError::failed(format!("child manifest {child} is gone")))?;
+            self.collect(target, &m.bytes, &m.media_type, depth + 1, blobs, changes)?;
+            changes.push((
+                target.clone(),
+                GeoChange::ManifestPut {
+                    digest: child.clone(),
+                    media_type: m.media_type,
+                    bytes: m.bytes,
+                    tag: None,
+                    stamp: None,
+                },
+            ));
+        }
+        for d in parsed.required_blobs() {
+            let rec = self
+                .state()
+                .blob(d)
+                .map_err(|e| GeoError::failed(e.to_string()))?
+                .ok_or_else(|| GeoError::failed(format!("blob {d} is not in this region")))?;
+            blobs.insert(d.clone(), rec.size_bytes);
+        }
+        Ok(())
+    }
+
+    /// Offers each repository's blobs; ships every blob the destination lacks once (a few at
+    /// a time), then links it into the other repositories that need it.
     async fn ship_blobs(
+        &self,
+        dest: &Destination,
+        needs: &BTreeMap<GeoTarget, BTreeMap<Digest, u64>>,
+        stats: &DestStats,
+    ) -> Ship<()> {
+        let mut missing: BTreeMap<Digest, (u64, Vec<GeoTarget>)> = BTreeMap::new();
+        for (target, blobs) in needs {
+            let list: Vec<(Digest, u64)> = blobs.iter().map(|(d, s)| (d.clone(), *s)).collect();
+            for d in self.offer(dest, target, &list).await? {
+                if let Some(size) = blobs.get(&d) {
+                    missing
+                        .entry(d)
+                        .or_insert((*size, Vec::new()))
+                        .1
+                        .push(target.clone());
+                }
+            }
+            for (d, size) in &list {
+                stats.bytes_logical.fetch_add(*size, Ordering::Relaxed);
+                if !missing.contains_key(d) {
+                    stats.blobs_present.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let jobs: Vec<(Digest, u64, GeoTarget)> = missing
+            .iter()
+            .map(|(d, (size, targets))| (d.clone(), *size, targets[0].clone()))
+            .collect();
+        let sends = jobs.into_iter().map(|(d, size, target)| async move {
+            self.ship_blob(dest, &target, &d, size, stats).await?;
+            stats.blobs_shipped.fetch_add(1, Ordering::Relaxed);
+            Ok::<(), GeoError>(())
+        });
+        let results: Vec<Ship<()>> = futures_util::stream::iter(sends)
+            .buffer_unordered(BLOBS_IN_FLIGHT)
+            .collect()
+            .await;
+        results.into_iter().collect::<Ship<()>>()?;
+        // Blobs shipped into one repository are now in the region: link them elsewhere.
+        let mut relink: BTreeMap<&GeoTarget, Vec<(Digest, u64)>> = BTreeMap::new();
+        for (d, (size, targets)) in &missing {
+            for t in &targets[1..] {
+                relink.entry(t).or_default().push((d.clone(), *size));
+            }
+        }
+        for (t, list) in relink {
+            let still = self.offer(dest, t, &list).await?;
+            if let Some(d) = still.first() {
+                return Err(GeoError::failed(format!(
+                    "blob {d} shipped but still missing"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Offers blobs for `target`; returns those the destination region lacks.
+    async fn offer(
         &self,
         dest: &Destination,
         target: &GeoTarget,
         blobs: &[(Digest, u64)],
-        stats: &DestStats,
-    ) -> Ship<()> {
+    ) -> Ship<Vec<Digest>> {
+        let mut missing = Vec::new();
         for batch in blobs.chunks(GEO_LIST_MAX) {
-            let missing = match self
+            match self
                 .link
                 .call(&dest.region, || GeoRequest::Offer {
                     target: target.clone(),
@@ -623,20 +720,11 @@ impl<P: Platform> Georep<P> {
                 })
                 .await?
             {
-                GeoResponse::MissingBlobs(m) => m,
+                GeoResponse::MissingBlobs(m) => missing.extend(m),
                 other => return Err(GeoError::failed(format!("offer answered {other:?}"))),
-            };
-            for (d, size) in batch {
-                stats.bytes_logical.fetch_add(*size, Ordering::Relaxed);
-                if missing.contains(d) {
-                    self.ship_blob(dest, target, d, *size, stats).await?;
-                    stats.blobs_shipped.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    stats.blobs_present.fetch_add(1, Ordering::Relaxed);
-                }
             }
         }
-        Ok(())
+        Ok(missing)
     }
 
     /// Sends one blob to one node of the destination: only the chunks it lacks.
@@ -847,9 +935,12 @@ impl<P: Platform> Georep<P> {
                 self.assemble(&target, &digest, size_bytes, chunks).await?;
                 Ok(GeoResponse::Done)
             }
-            GeoRequest::Apply { target, change } => {
-                self.admit_shipment(from, &target)?;
-                self.apply_change(from, &target, change).await?;
+            GeoRequest::Apply { items } => {
+                bounded(items.len(), "changes applied")?;
+                for (target, change) in items {
+                    self.admit_shipment(from, &target)?;
+                    self.apply_change(from, &target, change).await?;
+                }
                 Ok(GeoResponse::Done)
             }
             GeoRequest::FetchManifest { target, reference } => {
@@ -1083,6 +1174,11 @@ impl<P: Platform> Georep<P> {
                 tag,
                 stamp,
             } => {
+                let tag = if self.registry.bugs.lost_replica_tag_moves {
+                    None
+                } else {
+                    tag
+                };
                 let limit = self.registry.limits().manifest_bytes_max;
                 manifest::parse(&bytes, &media_type, limit)
                     .map_err(|e| GeoError::failed(format!("manifest {digest}: {e}")))?;

@@ -62,6 +62,8 @@ pub struct Bugs {
     /// Linearizable reads skip the leader's read-index check (a deposed leader answers
     /// from its stale state).
     pub stale_leader_reads: bool,
+    /// A push replicated from another region is stored without its tag move.
+    pub lost_replica_tag_moves: bool,
 }
 
 /// Bounds the blob bytes a node has in flight to its peers (`replication_inflight_bytes_max`)

@@ -253,7 +253,7 @@ impl Node {
             (Some(t), false) => {
                 let g = crate::georep::Georep::new(
                     registry.clone(),
-                    t.clone(),
+                    crate::georep::GeoLink::from_config(t.clone(), &config.replication),
                     &config.node.region,
                     &config.replication,
                 );

@@ -21,7 +21,7 @@ use node::raft::{NodeId, NodeInfo, Raft};
 use node::rt::{self, TaskScope};
 use node::NodeRegistry;
 
-use crate::net::{SimNet, SimTransport};
+use crate::net::{GeoServe, SimNet, SimTransport};
 use crate::{Bug, SimPlatform};
 
 /// Simulated wall-clock time starts here (2026-01-01T00:00:00Z), so stamps are realistic.
@@ -93,6 +93,26 @@ pub struct Cluster {
     pub regions: Vec<Vec<NodeId>>,
     pub bug: Option<Bug>,
     config: node::Config,
+}
+
+/// A node's `Georep` as the simulated network calls it.
+struct GeoServer(Arc<node::georep::Georep<SimPlatform>>);
+
+impl GeoServe for GeoServer {
+    fn serve(
+        &self,
+        from: String,
+        req: node::transport::GeoRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = node::transport::GeoResponse> + Send>>
+    {
+        let g = self.0.clone();
+        Box::pin(async move { g.serve(&from, req).await })
+    }
+}
+
+/// The name of region `r` (its stamps and its rules use it).
+pub fn region_name(r: usize) -> String {
+    format!("region-{r}")
 }
 
 pub fn node_info(id: NodeId) -> NodeInfo {
@@ -179,7 +199,7 @@ impl Cluster {
         } else {
             LogStore::new(kv.clone())
         };
-        let sm = StateMachine::new(kv.clone(), &self.config.node.region);
+        let sm = StateMachine::new(kv.clone(), &region_name(region));
         let net = PeerNetwork {
             transport: transport.clone(),
         };
@@ -202,15 +222,44 @@ impl Cluster {
             blobs,
             clock as Arc<dyn Clock>,
             self.config.limits.clone(),
-            Some(transport),
+            Some(transport.clone()),
             Duration::from_millis(self.config.raft.write_timeout_ms),
         );
         registry.bugs.stale_leader_reads = self.bug == Some(Bug::StaleLeaderReads);
+        registry.bugs.lost_replica_tag_moves = self.bug == Some(Bug::LostReplicaTagMoves);
         let registry = Arc::new(registry);
         let peer = Arc::new(NodePeer::<SimPlatform>::new(Duration::from_millis(
             self.config.raft.learner_catch_up_ms,
         )));
         peer.attach(raft.clone(), registry.clone());
+        let mut geo_server = None;
+        if self.regions.len() > 1 {
+            // Every other region, by its nodes' ids (the simulated network routes by id).
+            let remotes = (0..self.regions.len())
+                .filter(|o| *o != region)
+                .map(|o| {
+                    let nodes = self.regions[o]
+                        .iter()
+                        .map(|m| (*m, node_info(*m)))
+                        .collect();
+                    (region_name(o), nodes)
+                })
+                .collect();
+            let link = node::georep::GeoLink::new(transport.clone(), remotes, 0);
+            let geo = node::georep::Georep::new(
+                registry.clone(),
+                link,
+                &region_name(region),
+                &self.config.replication,
+            );
+            geo_server = Some(Arc::new(GeoServer(geo.clone())) as Arc<dyn GeoServe>);
+            registry.set_read_through(geo.clone());
+            rt::spawn_in(&scope, geo.clone().run().instrument(span.clone()));
+            rt::spawn_in(
+                &scope,
+                geo.link.clone().ping_loop().instrument(span.clone()),
+            );
+        }
         rt::spawn_in(
             &scope,
             registry
@@ -230,6 +279,9 @@ impl Cluster {
             }
         }
         self.net.attach(id, peer, scope.clone());
+        if let Some(g) = geo_server {
+            self.net.attach_geo(id, g);
+        }
         self.lock().get_mut(&id).expect("node exists").up = Some(Running {
             scope,
             raft,

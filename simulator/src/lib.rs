@@ -23,7 +23,7 @@ compile_error!(
     "the simulator needs `--cfg tokio_unstable` (set in .cargo/config.toml) to seed tokio's RNG"
 );
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,6 +57,8 @@ pub enum Bug {
     UnsyncedLog,
     /// Linearizable tag reads skip the leader's read-index check.
     StaleLeaderReads,
+    /// A region applying another region's push stores the manifest but drops its tag move.
+    LostReplicaTagMoves,
 }
 
 /// One run's parameters.
@@ -359,6 +361,7 @@ async fn run_inner(config: SimConfig) -> Summary {
             }
         }
     }
+    configure_replication(&sim).await;
     // Safety phase: clients and the nemesis.
     let mut clients = Vec::new();
     for region in 0..config.regions {
@@ -386,9 +389,129 @@ async fn run_inner(config: SimConfig) -> Summary {
     let settled = liveness(&sim, deadline).await;
     if settled {
         final_checks(&sim, deadline).await;
+        cross_region_checks(&sim, tokio::time::Instant::now() + CONVERGENCE_BOUND).await;
     }
     let simulated = start.elapsed();
     summarize(&sim, simulated)
+}
+
+/// How long after the final checks every region may take to converge on what the others
+/// replicate to it (simulated time).
+const CONVERGENCE_BOUND: Duration = Duration::from_secs(180);
+
+/// With several regions, each replicates its default account to every other (as
+/// `dev-cluster` sets up), set through each region's Raft like PutReplicationConfiguration.
+async fn configure_replication(sim: &Arc<Sim>) {
+    let c = &sim.cluster;
+    let regions = c.regions.len();
+    if regions < 2 {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + LIVENESS_BOUND;
+    for r in 0..regions {
+        let destinations: Vec<serde_json::Value> = (0..regions)
+            .filter(|o| *o != r)
+            .map(|o| serde_json::json!({ "region": cluster::region_name(o), "registryId": "000000000000" }))
+            .collect();
+        let config = serde_json::json!({ "rules": [{ "destinations": destinations }] }).to_string();
+        let mut attempt = 0usize;
+        loop {
+            let id = c.regions[r][attempt % c.regions[r].len()];
+            attempt += 1;
+            let cmd = engine::state::Command::Iam(engine::iam::IamCommand::ReplicationConfigSet {
+                account: AccountId::DEFAULT,
+                config: config.clone(),
+            });
+            let r2 = c
+                .request(id, move |reg| async move { reg.propose_command(cmd).await })
+                .await;
+            if matches!(r2, Ok(Ok(engine::state::Outcome::Done))) {
+                sim.trace(format!("region {r} replicates to every other region"));
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                sim.violation(format!("region {r} did not take its replication rule"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// The tags of `repo` (default account) on one node's state.
+fn tags_on(c: &Cluster, id: NodeId, repo: &str) -> BTreeMap<String, Digest> {
+    let kv = c.lock()[&id].kv.clone();
+    engine::state::State::new(kv.as_ref())
+        .tag_records(
+            AccountId::DEFAULT,
+            &workload::parse_repo(repo),
+            None,
+            100_000,
+        )
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(t, rec)| (t, rec.digest))
+        .collect()
+}
+
+/// Invariant 4: after healing, every region holds every other region's repositories with the
+/// same tags and digests, and what it serves verifies.
+async fn cross_region_checks(sim: &Arc<Sim>, deadline: tokio::time::Instant) {
+    let c = &sim.cluster;
+    if c.regions.len() < 2 {
+        return;
+    }
+    let mut checks = 0u64;
+    let repos: BTreeSet<(usize, String)> = {
+        let m = sim.model.lock().expect("model lock");
+        m.manifests
+            .keys()
+            .cloned()
+            .chain(m.keys().into_iter().map(|(r, repo, _)| (r, repo)))
+            .collect()
+    };
+    for (origin, repo) in &repos {
+        let source = tags_on(c, c.regions[*origin][0], repo);
+        for (o, ids) in c.regions.iter().enumerate().filter(|(o, _)| o != origin) {
+            for id in ids {
+                let got = loop {
+                    let got = tags_on(c, *id, repo);
+                    if got == source || tokio::time::Instant::now() >= deadline {
+                        break got;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                };
+                if got != source {
+                    let missing: Vec<&String> = source
+                        .keys()
+                        .filter(|t| got.get(*t) != source.get(*t))
+                        .collect();
+                    let extra: Vec<&String> =
+                        got.keys().filter(|t| !source.contains_key(*t)).collect();
+                    sim.violation(format!(
+                        "no convergence: node {id} of region {o} has {repo} differing from region {origin} within {} s of healing (tags missing or different: {missing:?}, extra: {extra:?})",
+                        CONVERGENCE_BOUND.as_secs()
+                    ));
+                    continue;
+                }
+                checks += 1;
+                for tag in source.keys() {
+                    let reference = Reference::Tag(workload::parse_tag(tag));
+                    match pull_until(sim, *id, repo, &reference, deadline).await {
+                        Ok(_) => checks += 1,
+                        Err(e) => sim.violation(format!(
+                            "replicated tag {repo}:{tag} on node {id} of region {o} does not pull whole: {e}"
+                        )),
+                    }
+                }
+            }
+        }
+    }
+    sim.trace(format!(
+        "cross-region: {} repositories converged",
+        repos.len()
+    ));
+    sim.count_checks(checks);
 }
 
 /// Heals every fault, restarts every node, and waits until each region has a leader, has

@@ -15,7 +15,8 @@ use node::peer::NodePeer;
 use node::raft::{NodeId, NodeInfo};
 use node::rt::{self, TaskScope};
 use node::transport::{
-    BlobBytes, BlobReader, PeerHandler, PeerRequest, PeerResponse, Transport, TransportError,
+    BlobBytes, BlobReader, GeoRequest, GeoResponse, PeerHandler, PeerRequest, PeerResponse,
+    Transport, TransportError,
 };
 use rand::Rng;
 
@@ -45,8 +46,20 @@ pub struct NetStats {
     pub blob_bytes: u64,
 }
 
+/// A node's cross-region side, behind dynamic dispatch: serving it reaches the transport
+/// again (forwarded writes), and a named future type would make the transport's own future
+/// type recursive.
+pub trait GeoServe: Send + Sync + 'static {
+    fn serve(
+        &self,
+        from: String,
+        req: GeoRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = GeoResponse> + Send>>;
+}
+
 struct Endpoint {
     region: usize,
+    geo: Option<Arc<dyn GeoServe>>,
     /// `None` while the node is down.
     handler: Option<(Arc<NodePeer<SimPlatform>>, Arc<TaskScope>)>,
 }
@@ -90,6 +103,7 @@ impl SimNet {
             id,
             Endpoint {
                 region,
+                geo: None,
                 handler: None,
             },
         );
@@ -102,11 +116,23 @@ impl SimNet {
         }
     }
 
+    /// The node serves other regions through `geo` (while it is up).
+    pub fn attach_geo(&self, id: NodeId, geo: Arc<dyn GeoServe>) {
+        if let Some(e) = self.lock().endpoints.get_mut(&id) {
+            e.geo = Some(geo);
+        }
+    }
+
     /// The node is down: nothing reaches it.
     pub fn detach(&self, id: NodeId) {
         if let Some(e) = self.lock().endpoints.get_mut(&id) {
             e.handler = None;
+            e.geo = None;
         }
+    }
+
+    fn geo(&self, id: NodeId) -> Option<Arc<dyn GeoServe>> {
+        self.lock().endpoints.get(&id).and_then(|e| e.geo.clone())
     }
 
     pub fn set_faults(&self, f: NetFaults) {
@@ -173,6 +199,10 @@ impl SimNet {
             g.stats.duplicated += 1;
         }
         dup
+    }
+
+    fn region(&self, id: NodeId) -> Option<usize> {
+        self.lock().endpoints.get(&id).map(|e| e.region)
     }
 
     fn handler(&self, id: NodeId) -> Option<(Arc<NodePeer<SimPlatform>>, Arc<TaskScope>)> {
@@ -270,11 +300,31 @@ impl Transport for SimTransport {
             });
         }
         let len = wire.len() as u64;
+        // As QUIC classifies a connection by the CA that signed the peer: another region
+        // may send only cross-region requests, and only another region may send them.
+        let from = self.net.region(self.me);
+        let across = from != self.net.region(target);
+        let from_name = crate::cluster::region_name(from.unwrap_or(usize::MAX));
+        let geo = self.net.geo(target);
         let answer: Bytes = self
             .timed(
                 target,
                 self.net.exchange(self.me, target, len, |h| async move {
-                    let resp = h.handle(decode(&wire)).await;
+                    let resp = match (decode(&wire), across) {
+                        (PeerRequest::Geo(g), true) => match geo {
+                            Some(geo) => PeerResponse::Geo(geo.serve(from_name, g).await),
+                            None => PeerResponse::Geo(GeoResponse::Denied(
+                                "this region replicates with no other region".into(),
+                            )),
+                        },
+                        (PeerRequest::Geo(_), false) => PeerResponse::Refused(
+                            "cross-region request from a node of this region".into(),
+                        ),
+                        (_, true) => PeerResponse::Refused(format!(
+                            "region {from_name} may send only cross-region requests"
+                        )),
+                        (req, false) => h.handle(req).await,
+                    };
                     let b = Bytes::from(bincode::serialize(&resp).expect("responses serialize"));
                     let n = b.len() as u64;
                     (b, n)

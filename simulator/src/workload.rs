@@ -25,8 +25,10 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 
-pub fn repo_name(i: usize) -> String {
-    format!("team/app{i}")
+/// Repository `i` of a region's clients: each region writes its own repositories (which the
+/// rules replicate to every other region), so a region's tag history has one writer region.
+pub fn repo_name(region: usize, i: usize) -> String {
+    format!("r{region}/app{i}")
 }
 
 /// What one request ended as, for the counters.
@@ -142,7 +144,7 @@ impl Client {
     }
 
     async fn one(&self, kind: Kind) -> bool {
-        let repo = rt::with_rng(|r| repo_name(r.gen_range(0..REPOS)));
+        let repo = rt::with_rng(|r| repo_name(self.region, r.gen_range(0..REPOS)));
         let tag = rt::with_rng(|r| format!("t{}", r.gen_range(0..TAGS)));
         match kind {
             Kind::Push => self.push(&repo, &tag, false).await,

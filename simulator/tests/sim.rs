@@ -111,6 +111,28 @@ fn sweep_catches_unsynced_raft_log() {
     println!("{s}");
 }
 
+/// A region that drops the tag moves it receives from another region never converges; the
+/// cross-region check must catch it.
+#[test]
+fn sweep_catches_lost_replicated_tag_moves() {
+    let mut caught = None;
+    for seed in 0..5 {
+        let mut c = config(seed, 2, 20);
+        c.bug = Some(Bug::LostReplicaTagMoves);
+        let s = run(c);
+        if !s.passed() {
+            caught = Some(s);
+            break;
+        }
+    }
+    let s = caught.expect("no seed of 0..5 caught a region dropping replicated tag moves");
+    assert!(
+        s.violations.iter().any(|v| v.contains("no convergence")),
+        "caught, but not as a convergence failure: {:?}",
+        s.violations
+    );
+}
+
 /// A deposed leader answering linearizable reads from its own state serves stale tags; the
 /// register check must catch it.
 #[test]

@@ -57,7 +57,7 @@ pub enum PeerRequest {
 
 /// Where a cross-region change lands: the destination account and repository, and the
 /// account it comes from (a different one needs the destination's registry policy).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct GeoTarget {
     pub source_account: AccountId,
     pub account: AccountId,
@@ -88,11 +88,8 @@ pub enum GeoRequest {
         size_bytes: u64,
         chunks: Vec<ChunkRef>,
     },
-    /// Apply a change (its blobs are already there).
-    Apply {
-        target: GeoTarget,
-        change: GeoChange,
-    },
+    /// Apply changes in order (their blobs are already there).
+    Apply { items: Vec<(GeoTarget, GeoChange)> },
     /// Read-through: a manifest by tag or digest, if the holder's rules send the repository
     /// to the asking region and account.
     FetchManifest {
