@@ -30,6 +30,8 @@ pub struct DevCluster {
     pub replicate: bool,
     /// Delay added to each cross-region message, both ways.
     pub wan_delay_ms: u64,
+    /// Client networks and the region serving each (`CIDR`, region), for every region.
+    pub client_networks: Vec<(String, String)>,
 }
 
 /// One node as written to `cluster.json`.
@@ -282,6 +284,11 @@ impl DevCluster {
     /// The `[replication]` section of region `r`'s nodes: every other region.
     fn replication_config(&self, r: u32, addrs: &[Vec<(String, String)>]) -> String {
         let mut text = format!("[replication]\nwan_delay_ms = {}\n", self.wan_delay_ms);
+        for (cidr, region) in &self.client_networks {
+            text.push_str(&format!(
+                "\n[[replication.client_networks]]\ncidr = {cidr:?}\nregion = {region:?}\n"
+            ));
+        }
         for other in (1..=self.regions).filter(|o| *o != r) {
             let nodes = &addrs[(other - 1) as usize];
             let list = |f: fn(&(String, String)) -> &String| {

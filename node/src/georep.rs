@@ -972,6 +972,16 @@ impl<P: Platform> Georep<P> {
                     None => GeoResponse::NotFound(format!("{}:{reference}", target.repo)),
                 })
             }
+            GeoRequest::HasBlob { target, digest } => Ok(
+                match self
+                    .state()
+                    .blob_link(target.account, &target.repo, &digest)
+                    .map_err(st)?
+                {
+                    Some(_) => GeoResponse::Done,
+                    None => GeoResponse::NotFound(digest.to_string()),
+                },
+            ),
             GeoRequest::FetchBlobIndex { target, digest } => {
                 self.admit_read_through(from, &target)?;
                 let Some(link) = self
@@ -1414,6 +1424,37 @@ impl<P: Platform> Georep<P> {
         Ok(true)
     }
 
+    // ---- nearest-region routing ----
+
+    /// The URL of the blob in the region a client's network belongs to, when that is another
+    /// region and it holds the blob (asked over the link; no answer, no redirect).
+    pub async fn redirect_url(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+        client: std::net::IpAddr,
+    ) -> Option<String> {
+        let region = self.region_of_client(client)?.to_string();
+        let endpoint = self.link.http_endpoints(&region).into_iter().next()?;
+        let target = GeoTarget {
+            source_account: account,
+            account,
+            repo: repo.clone(),
+        };
+        let held = self
+            .link
+            .call(&region, || GeoRequest::HasBlob {
+                target: target.clone(),
+                digest: digest.clone(),
+            })
+            .await;
+        match held {
+            Ok(GeoResponse::Done) => Some(format!("http://{endpoint}/v2/{repo}/blobs/{digest}")),
+            _ => None,
+        }
+    }
+
     // ---- reporting ----
 
     /// Replication state per destination, for `/_portolan/v1/replication` and `/metrics`.
@@ -1481,6 +1522,16 @@ impl<P: Platform> crate::registry::ReadThrough for Georep<P> {
         digest: &'a Digest,
     ) -> futures_util::future::BoxFuture<'a, Result<bool, ApiError>> {
         Box::pin(self.read_blob(account, repo, digest))
+    }
+
+    fn redirect<'a>(
+        &'a self,
+        account: AccountId,
+        repo: &'a RepoName,
+        digest: &'a Digest,
+        client: std::net::IpAddr,
+    ) -> futures_util::future::BoxFuture<'a, Option<String>> {
+        Box::pin(self.redirect_url(account, repo, digest, client))
     }
 }
 

@@ -108,3 +108,26 @@ impl AsyncWrite for LimitedIo {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+/// A connection's remote address, recorded by the server for every request on it.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteAddr(pub std::net::SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, LimitedListener>>
+    for RemoteAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, LimitedListener>) -> RemoteAddr {
+        RemoteAddr(*stream.remote_addr())
+    }
+}
+
+/// Hands the connection's remote address to the routes (`registry_api::ClientAddr`).
+pub async fn client_addr(
+    axum::extract::ConnectInfo(addr): axum::extract::ConnectInfo<RemoteAddr>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    req.extensions_mut()
+        .insert(registry_api::ClientAddr(addr.0));
+    next.run(req).await
+}

@@ -64,6 +64,10 @@ enum Cmd {
         /// Delay added to each cross-region message, both ways (WAN emulation).
         #[arg(long, default_value_t = 0)]
         wan_delay_ms: u64,
+        /// CIDR=REGION: blob pulls from that network go to that region (307) when it holds
+        /// the blob. Repeatable.
+        #[arg(long = "client-network", value_name = "CIDR=REGION")]
+        client_networks: Vec<String>,
     },
 }
 
@@ -370,7 +374,16 @@ fn main() -> Result<()> {
             base_port,
             no_replication,
             wan_delay_ms,
+            client_networks,
         } => {
+            let client_networks = client_networks
+                .iter()
+                .map(|n| {
+                    n.split_once('=')
+                        .map(|(c, r)| (c.to_string(), r.to_string()))
+                        .with_context(|| format!("--client-network {n:?} is not CIDR=REGION"))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -383,6 +396,7 @@ fn main() -> Result<()> {
                     base_port,
                     replicate: !no_replication,
                     wan_delay_ms,
+                    client_networks,
                 }
                 .run(),
             )

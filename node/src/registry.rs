@@ -145,6 +145,15 @@ pub trait ReadThrough: Send + Sync + 'static {
         repo: &'a RepoName,
         reference: &'a Reference,
     ) -> futures_util::future::BoxFuture<'a, Option<registry_api::registry::Manifest>>;
+    /// Another region's URL for the blob, when `client` belongs to that region's network and
+    /// that region holds it.
+    fn redirect<'a>(
+        &'a self,
+        account: AccountId,
+        repo: &'a RepoName,
+        digest: &'a Digest,
+        client: std::net::IpAddr,
+    ) -> futures_util::future::BoxFuture<'a, Option<String>>;
     /// Fetches, verifies, stores and commits a blob into `repo`; whether it was found.
     fn blob<'a>(
         &'a self,
@@ -832,6 +841,19 @@ impl<P: Platform> Registry for NodeRegistry<P> {
             return Ok(Some(size));
         }
         self.read_blob_through(account, repo, digest).await
+    }
+
+    async fn blob_redirect(
+        &self,
+        account: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+        client: std::net::IpAddr,
+    ) -> Option<String> {
+        self.read_through
+            .get()?
+            .redirect(account, repo, digest, client)
+            .await
     }
 
     async fn blob_content(

@@ -407,7 +407,12 @@ impl Node {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let grace = Duration::from_millis(self.config.http.shutdown_grace_ms);
         let app = self.router();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let server = axum::serve(
+            listener,
+            app.layer(axum::middleware::from_fn(crate::listener::client_addr))
+                .into_make_service_with_connect_info::<crate::listener::RemoteAddr>(),
+        )
+        .with_graceful_shutdown(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });

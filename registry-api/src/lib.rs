@@ -14,6 +14,10 @@ pub mod registry;
 mod route;
 pub mod sigv4;
 
+/// The client's address: a request extension the server sets, for nearest-region routing.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
 use std::sync::Arc;
 use std::time::Instant;
 

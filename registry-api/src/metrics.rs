@@ -30,6 +30,8 @@ pub struct HttpMetrics {
     latency: Mutex<BTreeMap<&'static str, Histogram>>,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Blob requests sent to another region (307).
+    pub redirects: AtomicU64,
 }
 
 fn method_label(m: &Method) -> &'static str {
@@ -73,6 +75,10 @@ impl HttpMetrics {
 
     pub fn add_bytes_in(&self, n: u64) {
         self.bytes_in.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn add_redirect(&self) {
+        self.redirects.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn add_bytes_out(&self, n: u64) {
@@ -124,6 +130,11 @@ impl HttpMetrics {
             out,
             "# TYPE portolan_http_bytes_out_total counter\nportolan_http_bytes_out_total {}",
             self.bytes_out.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP portolan_http_blob_redirects_total Blob requests redirected to the client's region.\n# TYPE portolan_http_blob_redirects_total counter\nportolan_http_blob_redirects_total {}",
+            self.redirects.load(Ordering::Relaxed)
         );
     }
 }

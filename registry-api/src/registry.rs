@@ -73,6 +73,18 @@ pub trait Registry: Send + Sync + 'static {
         digest: &Digest,
     ) -> impl Future<Output = RegistryResult<BlobContent>> + Send;
 
+    /// Another region's URL a client at `client` should fetch this blob from instead (its
+    /// network belongs to that region, and that region holds the blob), if any.
+    fn blob_redirect(
+        &self,
+        _account: AccountId,
+        _repo: &RepoName,
+        _digest: &Digest,
+        _client: std::net::IpAddr,
+    ) -> impl Future<Output = Option<String>> + Send {
+        async { None }
+    }
+
     fn blob_delete(
         &self,
         account: AccountId,

@@ -96,6 +96,8 @@ pub enum GeoRequest {
         target: GeoTarget,
         reference: String,
     },
+    /// Nearest-region routing: does the region hold this blob in the target repository?
+    HasBlob { target: GeoTarget, digest: Digest },
     /// Read-through: a blob's size and chunk list.
     FetchBlobIndex { target: GeoTarget, digest: Digest },
     /// Read-through: some chunks of a blob, by index in its chunk list.

@@ -70,6 +70,23 @@ pub(super) async fn get<R: Registry>(
             .body(Body::empty())
             .expect("valid response"));
     }
+    // A client from another region's network goes there when that region has the blob.
+    // Only anonymous requests: credentials are not carried across a redirect.
+    let client = parts
+        .extensions
+        .get::<crate::ClientAddr>()
+        .map(|c| c.0.ip());
+    if let (Some(ip), None) = (client, parts.headers.get(header::AUTHORIZATION)) {
+        if let Some(url) = st.registry.blob_redirect(account, repo, digest, ip).await {
+            st.metrics.add_redirect();
+            return Ok(Response::builder()
+                .status(StatusCode::TEMPORARY_REDIRECT)
+                .header(header::LOCATION, hv(&url))
+                .header("Docker-Content-Digest", hv(&digest.to_string()))
+                .body(Body::empty())
+                .expect("valid response"));
+        }
+    }
     let content = st.registry.blob_content(account, repo, digest).await?;
     let range = match header_str(&parts.headers, header::RANGE) {
         Some(v) => parse_range(v, content.size_bytes)?,
