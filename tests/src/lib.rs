@@ -286,7 +286,12 @@ impl OciClient {
         }
         // Registries may answer 202 and expect PUT.
         if resp.status().as_u16() != 202 {
-            bail!("push blob: POST answered {}", resp.status());
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            bail!(
+                "push blob: POST answered {status}: {}",
+                text_tail(&text, 500)
+            );
         }
         let loc = location(&resp)?;
         let sep = if loc.contains('?') { '&' } else { '?' };
@@ -298,7 +303,12 @@ impl OciClient {
             .send()
             .await?;
         if resp.status().as_u16() != 201 {
-            bail!("push blob: PUT answered {}", resp.status());
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            bail!(
+                "push blob: PUT answered {status}: {}",
+                text_tail(&text, 500)
+            );
         }
         Ok(digest)
     }
@@ -641,4 +651,430 @@ pub fn tool_unavailable(what: &str, reason: &str) -> Result<()> {
         "\n{bar}\n!!!\n!!! SKIPPED: {what} unavailable: {reason}\n!!! (set CI=1 to make this a failure)\n!!!\n{bar}\n"
     );
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credentials, the AWS CLI, the portolan administration CLI
+// ---------------------------------------------------------------------------------------------
+
+/// Longest any one CLI invocation may take.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// An access key.
+#[derive(Clone, Debug)]
+pub struct Creds {
+    pub key_id: String,
+    pub secret: String,
+}
+
+impl Creds {
+    pub fn new(key_id: &str, secret: &str) -> Creds {
+        Creds {
+            key_id: key_id.to_string(),
+            secret: secret.to_string(),
+        }
+    }
+
+    /// From the JSON `portolan key create` prints.
+    pub fn from_key_create(v: &serde_json::Value) -> Result<Creds> {
+        let key = &v["accessKey"];
+        Ok(Creds {
+            key_id: key["accessKeyId"]
+                .as_str()
+                .with_context(|| format!("no accessKeyId in {v}"))?
+                .to_string(),
+            secret: key["secretAccessKey"]
+                .as_str()
+                .with_context(|| format!("no secretAccessKey in {v}"))?
+                .to_string(),
+        })
+    }
+}
+
+/// Environment through which the host's own AWS configuration could leak into a test.
+pub const AWS_ENV_CLEARED: &[&str] = &[
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_ECR",
+    "AWS_CA_BUNDLE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_USE_FIPS_ENDPOINT",
+];
+
+/// Credentials `creds` and nothing from the host's AWS configuration.
+pub fn aws_env(cmd: &mut Command, creds: &Creds) {
+    for v in AWS_ENV_CLEARED {
+        cmd.env_remove(v);
+    }
+    cmd.env("AWS_ACCESS_KEY_ID", &creds.key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &creds.secret)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_MAX_ATTEMPTS", "1")
+        .env("AWS_RETRY_MODE", "standard")
+        .env("AWS_PAGER", "");
+}
+
+/// The ECR operation an `aws ecr` subcommand calls (`list-images` → `ListImages`).
+pub fn ecr_operation_name(subcommand: &str) -> String {
+    if subcommand == "get-login-password" {
+        return "GetAuthorizationToken".to_string();
+    }
+    subcommand
+        .split('-')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// `aws ecr ...` against one node (`http://host:port`).
+pub struct AwsCli {
+    bin: PathBuf,
+    pub endpoint: String,
+}
+
+impl AwsCli {
+    pub fn new(endpoint: &str) -> Result<AwsCli> {
+        let bin = find_on_path("aws").context(
+            "the AWS CLI (`aws`) is not on PATH: these tests drive the ECR API with it \
+             (install it with `scripts/deps.sh test`, or `pip install awscli`)",
+        )?;
+        Ok(AwsCli {
+            bin,
+            endpoint: endpoint.to_string(),
+        })
+    }
+
+    pub fn run(&self, creds: &Creds, args: &[&str]) -> Result<CmdOutput> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("ecr").args(args).args([
+            "--endpoint-url",
+            &self.endpoint,
+            "--output",
+            "json",
+            "--cli-connect-timeout",
+            "10",
+            "--cli-read-timeout",
+            "60",
+        ]);
+        aws_env(&mut cmd, creds);
+        run_command(&mut cmd, None, CLI_TIMEOUT)
+    }
+
+    /// The command must succeed; returns its JSON output (`null` when it printed nothing).
+    pub fn ok(&self, creds: &Creds, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self.run(creds, args)?;
+        if !out.status.success() {
+            bail!("aws ecr {} failed: {}", args.join(" "), out.describe());
+        }
+        let text = out.stdout_text();
+        if text.trim().is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_str(&text)
+            .with_context(|| format!("aws ecr {}: stdout is not JSON: {text}", args.join(" ")))
+    }
+
+    /// The command must fail with the ECR error `code`, as the CLI reports it; returns stderr.
+    pub fn fails(&self, creds: &Creds, args: &[&str], code: &str) -> Result<String> {
+        let out = self.run(creds, args)?;
+        let want = format!(
+            "An error occurred ({code}) when calling the {} operation",
+            ecr_operation_name(args[0])
+        );
+        if out.status.success() || !out.stderr_text().contains(&want) {
+            bail!(
+                "aws ecr {}: want a failure with \"{want}\", got {}",
+                args.join(" "),
+                out.describe()
+            );
+        }
+        Ok(out.stderr_text())
+    }
+
+    /// `aws ecr get-login-password`.
+    pub fn password(&self, creds: &Creds) -> Result<String> {
+        let out = self.run(creds, &["get-login-password"])?;
+        if !out.status.success() {
+            bail!("aws ecr get-login-password failed: {}", out.describe());
+        }
+        let pw = out.stdout_text().trim().to_string();
+        if pw.is_empty() {
+            bail!("aws ecr get-login-password printed nothing");
+        }
+        Ok(pw)
+    }
+}
+
+/// `Authorization: Basic base64("AWS:" + password)`, the header `docker login` sends.
+pub fn basic_auth(password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64_encode(format!("AWS:{password}").as_bytes())
+    )
+}
+
+/// `portolan <args> --endpoint URL` signed with `creds`.
+pub fn portolan_cli(endpoint: &str, creds: &Creds, args: &[&str]) -> Result<CmdOutput> {
+    let mut cmd = Command::new(portolan_bin());
+    cmd.args(args).args(["--endpoint", endpoint]);
+    aws_env(&mut cmd, creds);
+    // One-line errors (anyhow appends a backtrace when it is enabled).
+    cmd.env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0");
+    run_command(&mut cmd, None, CLI_TIMEOUT)
+}
+
+/// As `portolan_cli`, and it must succeed; returns the JSON it printed.
+pub fn portolan_ok(endpoint: &str, creds: &Creds, args: &[&str]) -> Result<serde_json::Value> {
+    let out = portolan_cli(endpoint, creds, args)?;
+    if !out.status.success() {
+        bail!("portolan {} failed: {}", args.join(" "), out.describe());
+    }
+    serde_json::from_str(&out.stdout_text()).with_context(|| {
+        format!(
+            "portolan {}: stdout is not JSON: {}",
+            args.join(" "),
+            out.stdout_text()
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// `portolan dev-cluster`
+// ---------------------------------------------------------------------------------------------
+
+/// How long a dev cluster may take to write its `cluster.json`.
+pub const DEV_CLUSTER_START_TIMEOUT: Duration = Duration::from_secs(90);
+/// Starts of a dev cluster tried when each loses a race for a port (see `DevCluster::start`).
+pub const DEV_CLUSTER_START_ATTEMPTS: u32 = 3;
+
+/// Stops a dev cluster (SIGTERM, which stops its nodes) however the test ends.
+pub struct DevClusterGuard(pub Child);
+
+impl DevClusterGuard {
+    /// SIGTERM, then wait up to `timeout` for the dev cluster to exit; returns whether it did.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return true;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for DevClusterGuard {
+    fn drop(&mut self) {
+        if !self.terminate(Duration::from_secs(20)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// One node of a dev cluster, as `cluster.json` lists it.
+#[derive(Clone, Debug)]
+pub struct DevNode {
+    pub node_id: u64,
+    pub region: String,
+    /// `127.0.0.1:PORT`, the form skopeo and docker take.
+    pub host: String,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    /// The node's whole `cluster.json` entry.
+    pub entry: serde_json::Value,
+}
+
+/// A running `portolan dev-cluster` in a directory of the test's.
+pub struct DevCluster {
+    // Dropped first: the nodes stop before the caller's directory goes.
+    pub guard: DevClusterGuard,
+    pub dir: PathBuf,
+    pub nodes: Vec<DevNode>,
+}
+
+impl DevCluster {
+    /// `portolan dev-cluster --base-port 0 --dir DIR <args>`; returns once `cluster.json` is
+    /// written (every node listens, every region has its members and, with several regions,
+    /// its default replication rule).
+    ///
+    /// With several regions and `--base-port 0` the dev cluster picks free ports before its
+    /// nodes bind them, so a process elsewhere can take one in between; a start that fails on
+    /// a port already in use is retried (in a fresh DIR, at most `DEV_CLUSTER_START_ATTEMPTS`
+    /// times, each retry reported on stderr). Any other failure to start is final.
+    pub async fn start(dir: &Path, args: &[&str]) -> Result<DevCluster> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(dir, args).await? {
+                Ok(cluster) => return Ok(cluster),
+                Err(port_race) if attempt < DEV_CLUSTER_START_ATTEMPTS => {
+                    use std::io::Write as _;
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "dev-cluster start {attempt} lost a port race ({port_race}); retrying in a fresh directory"
+                    );
+                    std::fs::remove_dir_all(dir)
+                        .with_context(|| format!("remove {}", dir.display()))?;
+                    attempt += 1;
+                }
+                Err(port_race) => bail!(
+                    "portolan dev-cluster {args:?} failed to start {attempt} times on ports already in use; last: {port_race}"
+                ),
+            }
+        }
+    }
+
+    /// One start: Ok(Err(line)) when the dev cluster exited early after a node could not
+    /// bind a port (the stderr line saying so).
+    async fn start_once(
+        dir: &Path,
+        args: &[&str],
+    ) -> Result<std::result::Result<DevCluster, String>> {
+        let bin = portolan_bin();
+        if !bin.exists() {
+            bail!(
+                "portolan binary not found at {} (build the workspace first)",
+                bin.display()
+            );
+        }
+        let mut child = Command::new(&bin)
+            .arg("dev-cluster")
+            .args(["--base-port", "0", "--dir"])
+            .arg(dir)
+            .args(args)
+            // The nodes inherit this environment: an administrator key set here would close
+            // the open loopback OCI routes the tests rely on.
+            .env_remove("PORTOLAN_ADMIN_ACCESS_KEY_ID")
+            .env_remove("PORTOLAN_ADMIN_SECRET_ACCESS_KEY")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start {} dev-cluster", bin.display()))?;
+        // The dev cluster's and its nodes' stderr, passed on; a failed bind is remembered.
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let bind_failure = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let seen = bind_failure.clone();
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            let mut lines = BufReader::new(stderr).lines();
+            // anyhow prints `Error: bind ADDR`, then `Caused by:` and the OS error.
+            let mut bind_line: Option<String> = None;
+            while let Some(Ok(line)) = lines.next() {
+                let _ = writeln!(std::io::stderr(), "{line}");
+                if line.contains("bind 127.") {
+                    bind_line = Some(line.trim().to_string());
+                }
+                if line.contains("in use") {
+                    if let Some(b) = &bind_line {
+                        let mut s = seen.lock().expect("bind failure lock");
+                        s.get_or_insert_with(|| format!("{b}: {}", line.trim()));
+                    }
+                }
+            }
+        });
+        let mut guard = DevClusterGuard(child);
+        let json_path = dir.join("cluster.json");
+        let deadline = Instant::now() + DEV_CLUSTER_START_TIMEOUT;
+        // Written in one go once everything runs; a read may still catch it half written.
+        let entries: Vec<serde_json::Value> = loop {
+            if let Ok(bytes) = std::fs::read(&json_path) {
+                if let Ok(v) = serde_json::from_slice(&bytes) {
+                    break v;
+                }
+            }
+            if let Ok(Some(status)) = guard.0.try_wait() {
+                // Let the stderr thread see the last lines.
+                std::thread::sleep(Duration::from_millis(200));
+                if let Some(line) = bind_failure.lock().expect("bind failure lock").clone() {
+                    return Ok(Err(line));
+                }
+                bail!("portolan dev-cluster {args:?} exited with {status} before writing cluster.json");
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "portolan dev-cluster {args:?} did not write {} within {DEV_CLUSTER_START_TIMEOUT:?}",
+                    json_path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut nodes = Vec::new();
+        for e in entries {
+            let host = e["http"]
+                .as_str()
+                .with_context(|| format!("no http in cluster.json entry {e}"))?
+                .to_string();
+            nodes.push(DevNode {
+                node_id: e["node_id"]
+                    .as_u64()
+                    .with_context(|| format!("no node_id in cluster.json entry {e}"))?,
+                region: e["region"]
+                    .as_str()
+                    .with_context(|| format!("no region in cluster.json entry {e}"))?
+                    .to_string(),
+                url: format!("http://{host}"),
+                host,
+                entry: e,
+            });
+        }
+        Ok(Ok(DevCluster {
+            guard,
+            dir: dir.to_path_buf(),
+            nodes,
+        }))
+    }
+
+    /// The nodes of `region`, in `cluster.json` order.
+    pub fn region(&self, region: &str) -> Vec<DevNode> {
+        self.nodes
+            .iter()
+            .filter(|n| n.region == region)
+            .cloned()
+            .collect()
+    }
+
+    /// `region`'s bootstrap administrator (root of account 000000000000 there), from
+    /// `DIR/<region>/admin-key.json`.
+    pub fn admin_key(&self, region: &str) -> Result<Creds> {
+        let path = self.dir.join(region).join("admin-key.json");
+        let v: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("read {}", path.display()))?,
+        )
+        .with_context(|| format!("parse {}", path.display()))?;
+        Ok(Creds::new(
+            v["access_key_id"]
+                .as_str()
+                .with_context(|| format!("no access_key_id in {}", path.display()))?,
+            v["secret_access_key"]
+                .as_str()
+                .with_context(|| format!("no secret_access_key in {}", path.display()))?,
+        ))
+    }
 }

@@ -6,7 +6,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use portolan_tests::{portolan_bin, pseudo_random_bytes, sha256_digest, OciClient, Server};
+use portolan_tests::{
+    basic_auth as basic, portolan_bin, pseudo_random_bytes, sha256_digest, DevCluster, OciClient,
+    Server,
+};
 
 /// How long a cluster may take to agree on something before a test gives up.
 const SETTLE: Duration = Duration::from_secs(30);
@@ -230,56 +233,12 @@ async fn a_node_of_another_cluster_cannot_join() -> Result<()> {
     Ok(())
 }
 
-/// Stops a dev cluster (SIGTERM, which stops its nodes) however the test ends.
-struct DevClusterGuard(std::process::Child);
-
-impl Drop for DevClusterGuard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.0.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.0.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 #[tokio::test]
 async fn dev_cluster_starts_a_region_and_writes_cluster_json() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cdir = dir.path().join("dc");
-    let child = Command::new(portolan_bin())
-        .args([
-            "dev-cluster",
-            "--regions",
-            "1",
-            "--nodes",
-            "3",
-            "--base-port",
-            "0",
-            "--dir",
-        ])
-        .arg(&cdir)
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    let mut child = DevClusterGuard(child);
-    let json_path = cdir.join("cluster.json");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !json_path.exists() {
-        if Instant::now() > deadline {
-            bail!("cluster.json was not written in time");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let nodes: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&json_path)?)?;
+    let mut cluster = DevCluster::start(&cdir, &["--regions", "1", "--nodes", "3"]).await?;
+    let nodes: Vec<serde_json::Value> = cluster.nodes.iter().map(|n| n.entry.clone()).collect();
     assert_eq!(nodes.len(), 3);
     for (i, n) in nodes.iter().enumerate() {
         assert_eq!(n["node_id"].as_u64(), Some(i as u64 + 1));
@@ -308,18 +267,8 @@ async fn dev_cluster_starts_a_region_and_writes_cluster_json() -> Result<()> {
         .await?;
     assert_eq!(blob, layer);
     // SIGTERM stops the dev cluster and every node it started.
-    Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if child.0.try_wait()?.is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("dev-cluster did not stop on SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if !cluster.guard.terminate(Duration::from_secs(30)) {
+        bail!("dev-cluster did not stop on SIGTERM");
     }
     for n in &nodes {
         let pid = n["pid"].as_u64().unwrap_or_default();
@@ -689,13 +638,6 @@ fn registry_password(node: &Server, key: &str, secret: &str) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn basic(password: &str) -> String {
-    format!(
-        "Basic {}",
-        portolan_tests::base64_encode(format!("AWS:{password}").as_bytes())
-    )
 }
 
 async fn status_with(node: &Server, path: &str, auth: &str) -> Result<u16> {

@@ -27,9 +27,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
 use portolan_tests::{
-    base64_decode, base64_encode, base64url_decode, base64url_encode, find_on_path, portolan_bin,
-    pseudo_random_bytes, run_command, sha256_digest, text_tail, tool_unavailable, CmdOutput,
-    Server, ACCEPT_ALL_MANIFESTS,
+    aws_env, base64_decode, base64_encode, base64url_decode, base64url_encode, basic_auth,
+    ecr_operation_name, find_on_path, portolan_cli, portolan_ok, pseudo_random_bytes, run_command,
+    sha256_digest, text_tail, tool_unavailable, AwsCli, CmdOutput, Creds, Server,
+    ACCEPT_ALL_MANIFESTS,
 };
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -40,8 +41,6 @@ const ADMIN_SECRET: &str = "portolan-e2e-admin-secret-0000000001";
 const ADMIN_ACCOUNT: &str = "000000000000";
 /// A second account, created by the tests.
 const PARTNER_ACCOUNT: &str = "111122223333";
-/// Longest any one CLI invocation may take.
-const CLI_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest any one HTTP request may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Lifetime of registry passwords and bearer tokens (12 hours), in seconds.
@@ -79,194 +78,9 @@ fn start_server(data_dir: &Path) -> Result<Server> {
 // Credentials, the AWS CLI, the portolan administration CLI
 // ---------------------------------------------------------------------------------------------
 
-/// An access key.
-#[derive(Clone, Debug)]
-struct Creds {
-    key_id: String,
-    secret: String,
-}
-
-impl Creds {
-    fn admin() -> Creds {
-        Creds {
-            key_id: ADMIN_KEY_ID.to_string(),
-            secret: ADMIN_SECRET.to_string(),
-        }
-    }
-
-    /// From the JSON `portolan key create` prints.
-    fn from_key_create(v: &Value) -> Result<Creds> {
-        let key = &v["accessKey"];
-        Ok(Creds {
-            key_id: key["accessKeyId"]
-                .as_str()
-                .with_context(|| format!("no accessKeyId in {v}"))?
-                .to_string(),
-            secret: key["secretAccessKey"]
-                .as_str()
-                .with_context(|| format!("no secretAccessKey in {v}"))?
-                .to_string(),
-        })
-    }
-}
-
-/// Environment through which the host's own AWS configuration could leak into a test.
-const AWS_ENV_CLEARED: &[&str] = &[
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_ECR",
-    "AWS_CA_BUNDLE",
-    "AWS_ROLE_ARN",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_USE_FIPS_ENDPOINT",
-];
-
-/// Credentials `creds` and nothing from the host's AWS configuration.
-fn aws_env(cmd: &mut Command, creds: &Creds) {
-    for v in AWS_ENV_CLEARED {
-        cmd.env_remove(v);
-    }
-    cmd.env("AWS_ACCESS_KEY_ID", &creds.key_id)
-        .env("AWS_SECRET_ACCESS_KEY", &creds.secret)
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_MAX_ATTEMPTS", "1")
-        .env("AWS_RETRY_MODE", "standard")
-        .env("AWS_PAGER", "");
-}
-
-/// `aws ecr ...` against one server.
-struct AwsCli {
-    bin: PathBuf,
-    endpoint: String,
-}
-
-/// The ECR operation an `aws ecr` subcommand calls (`list-images` → `ListImages`).
-fn operation_name(subcommand: &str) -> String {
-    if subcommand == "get-login-password" {
-        return "GetAuthorizationToken".to_string();
-    }
-    subcommand
-        .split('-')
-        .map(|w| {
-            let mut c = w.chars();
-            c.next()
-                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
-                .unwrap_or_default()
-        })
-        .collect()
-}
-
-impl AwsCli {
-    fn new(server: &Server) -> Result<AwsCli> {
-        let bin = find_on_path("aws").context(
-            "the AWS CLI (`aws`) is not on PATH: these tests drive the ECR API with it \
-             (install it with `scripts/deps.sh test`, or `pip install awscli`)",
-        )?;
-        Ok(AwsCli {
-            bin,
-            endpoint: server.url.clone(),
-        })
-    }
-
-    fn run(&self, creds: &Creds, args: &[&str]) -> Result<CmdOutput> {
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("ecr").args(args).args([
-            "--endpoint-url",
-            &self.endpoint,
-            "--output",
-            "json",
-            "--cli-connect-timeout",
-            "10",
-            "--cli-read-timeout",
-            "60",
-        ]);
-        aws_env(&mut cmd, creds);
-        run_command(&mut cmd, None, CLI_TIMEOUT)
-    }
-
-    /// The command must succeed; returns its JSON output (`null` when it printed nothing).
-    fn ok(&self, creds: &Creds, args: &[&str]) -> Result<Value> {
-        let out = self.run(creds, args)?;
-        ensure!(
-            out.status.success(),
-            "aws ecr {} failed: {}",
-            args.join(" "),
-            out.describe()
-        );
-        let text = out.stdout_text();
-        if text.trim().is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_str(&text)
-            .with_context(|| format!("aws ecr {}: stdout is not JSON: {text}", args.join(" ")))
-    }
-
-    /// The command must fail with the ECR error `code`, as the CLI reports it; returns stderr.
-    fn fails(&self, creds: &Creds, args: &[&str], code: &str) -> Result<String> {
-        let out = self.run(creds, args)?;
-        let want = format!(
-            "An error occurred ({code}) when calling the {} operation",
-            operation_name(args[0])
-        );
-        ensure!(
-            !out.status.success() && out.stderr_text().contains(&want),
-            "aws ecr {}: want a failure with \"{want}\", got {}",
-            args.join(" "),
-            out.describe()
-        );
-        Ok(out.stderr_text())
-    }
-
-    /// `aws ecr get-login-password`.
-    fn password(&self, creds: &Creds) -> Result<String> {
-        let out = self.run(creds, &["get-login-password"])?;
-        ensure!(
-            out.status.success(),
-            "aws ecr get-login-password failed: {}",
-            out.describe()
-        );
-        let pw = out.stdout_text().trim().to_string();
-        ensure!(!pw.is_empty(), "aws ecr get-login-password printed nothing");
-        Ok(pw)
-    }
-}
-
-/// `portolan <args> --endpoint URL` signed with `creds`.
-fn portolan_cli(server: &Server, creds: &Creds, args: &[&str]) -> Result<CmdOutput> {
-    let mut cmd = Command::new(portolan_bin());
-    cmd.args(args).args(["--endpoint", &server.url]);
-    aws_env(&mut cmd, creds);
-    // One-line errors (anyhow appends a backtrace when it is enabled).
-    cmd.env("RUST_BACKTRACE", "0")
-        .env("RUST_LIB_BACKTRACE", "0");
-    run_command(&mut cmd, None, CLI_TIMEOUT)
-}
-
-/// As `portolan_cli`, and it must succeed; returns the JSON it printed.
-fn portolan_ok(server: &Server, creds: &Creds, args: &[&str]) -> Result<Value> {
-    let out = portolan_cli(server, creds, args)?;
-    ensure!(
-        out.status.success(),
-        "portolan {} failed: {}",
-        args.join(" "),
-        out.describe()
-    );
-    serde_json::from_str(&out.stdout_text()).with_context(|| {
-        format!(
-            "portolan {}: stdout is not JSON: {}",
-            args.join(" "),
-            out.stdout_text()
-        )
-    })
+/// The bootstrap administrator's key (root of the default account).
+fn admin_creds() -> Creds {
+    Creds::new(ADMIN_KEY_ID, ADMIN_SECRET)
 }
 
 /// What an administration command came to: (200, "") on success, else the HTTP status and
@@ -404,10 +218,7 @@ impl Reg {
     /// `Authorization: Basic base64("AWS:" + password)`.
     fn basic(&self, password: &str) -> Reg {
         Reg {
-            auth: Some(format!(
-                "Basic {}",
-                base64_encode(format!("AWS:{password}").as_bytes())
-            )),
+            auth: Some(basic_auth(password)),
             ..self.clone()
         }
     }
@@ -767,12 +578,12 @@ impl World {
     async fn new() -> Result<World> {
         let tmp = tempfile::tempdir()?;
         let server = start_server(&tmp.path().join("data"))?;
-        let aws = AwsCli::new(&server)?;
-        let admin = Creds::admin();
+        let aws = AwsCli::new(&server.url)?;
+        let admin = admin_creds();
         let seed = run_seed();
 
         let created = portolan_ok(
-            &server,
+            &server.url,
             &admin,
             &["account", "create", "--account-id", PARTNER_ACCOUNT],
         )?;
@@ -791,7 +602,7 @@ impl World {
         ];
         let mut keys = Vec::new();
         for (user, policy) in &policies {
-            let v = portolan_ok(&server, &admin, &["user", "create", "--user", user])?;
+            let v = portolan_ok(&server.url, &admin, &["user", "create", "--user", user])?;
             ensure!(
                 v["userName"] == *user && v["accountId"] == ADMIN_ACCOUNT,
                 "user create {user}: {v}"
@@ -799,12 +610,12 @@ impl World {
             if let Some(policy) = policy {
                 let f = policy_file(tmp.path(), user, policy)?;
                 portolan_ok(
-                    &server,
+                    &server.url,
                     &admin,
                     &["user", "put-policy", "--user", user, "--policy-file", &f],
                 )?;
             }
-            let v = portolan_ok(&server, &admin, &["key", "create", "--user", user])?;
+            let v = portolan_ok(&server.url, &admin, &["key", "create", "--user", user])?;
             ensure!(
                 v["accessKey"]["userName"] == *user && v["accessKey"]["accountId"] == ADMIN_ACCOUNT,
                 "key create --user {user}: {v}"
@@ -817,7 +628,7 @@ impl World {
         // The system administrator makes the partner account's root key; that root then
         // administers its own account.
         let v = portolan_ok(
-            &server,
+            &server.url,
             &admin,
             &["key", "create", "--account-id", PARTNER_ACCOUNT],
         )?;
@@ -827,7 +638,7 @@ impl World {
         );
         let partner_root = Creds::from_key_create(&v)?;
         let v = portolan_ok(
-            &server,
+            &server.url,
             &partner_root,
             &["user", "create", "--user", "partner"],
         )?;
@@ -845,7 +656,7 @@ impl World {
             }),
         )?;
         portolan_ok(
-            &server,
+            &server.url,
             &partner_root,
             &[
                 "user",
@@ -857,7 +668,7 @@ impl World {
             ],
         )?;
         let v = portolan_ok(
-            &server,
+            &server.url,
             &partner_root,
             &["key", "create", "--user", "partner"],
         )?;
@@ -917,8 +728,8 @@ impl World {
 async fn aws_cli_manages_repositories_and_images() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let server = start_server(&tmp.path().join("data"))?;
-    let aws = AwsCli::new(&server)?;
-    let admin = Creds::admin();
+    let aws = AwsCli::new(&server.url)?;
+    let admin = admin_creds();
     let seed = run_seed();
 
     // Repositories.
@@ -1405,7 +1216,7 @@ async fn boto3_drives_the_same_api() -> Result<()> {
     let python = python_with_boto3()?;
     let tmp = tempfile::tempdir()?;
     let server = start_server(&tmp.path().join("data"))?;
-    let admin = Creds::admin();
+    let admin = admin_creds();
     let out = run_python(&python, BOTO3_SCRIPT, &[], &server, &admin)?;
 
     let names: Vec<String> = (0..5).map(|i| format!("boto/r{i}")).collect();
@@ -1558,8 +1369,8 @@ async fn docker_login_push_pull_with_ecr_password() -> Result<()> {
 
     let tmp = tempfile::tempdir()?;
     let server = start_server(&tmp.path().join("data"))?;
-    let aws = AwsCli::new(&server)?;
-    let admin = Creds::admin();
+    let aws = AwsCli::new(&server.url)?;
+    let admin = admin_creds();
     let seed = run_seed();
     aws.ok(
         &admin,
@@ -2103,7 +1914,7 @@ async fn matrix_cell(
             match &actor.creds {
                 Some(creds) => {
                     let out = portolan_cli(
-                        &w.server,
+                        &w.server.url,
                         creds,
                         &[
                             "user",
@@ -2241,7 +2052,7 @@ async fn authorization_matrix() -> Result<()> {
 
     // The partner's root administers its own account only.
     let out = portolan_cli(
-        &w.server,
+        &w.server.url,
         &w.partner_root,
         &[
             "user",
@@ -2258,7 +2069,7 @@ async fn authorization_matrix() -> Result<()> {
         out.describe()
     );
     let out = portolan_cli(
-        &w.server,
+        &w.server.url,
         &w.partner_root,
         &["account", "create", "--account-id", "222233334444"],
     )?;
@@ -2536,7 +2347,7 @@ async fn attack_classes() -> Result<()> {
     ));
     let tmp2 = tempfile::tempdir()?;
     let server2 = start_server(&tmp2.path().join("data"))?;
-    let aws2 = AwsCli::new(&server2)?;
+    let aws2 = AwsCli::new(&server2.url)?;
     aws2.ok(
         &w.admin,
         &["create-repository", "--repository-name", "team/app"],
@@ -2586,7 +2397,7 @@ async fn attack_classes() -> Result<()> {
     drop(server2);
 
     // (f) A revoked key: its password, its bearer tokens and its signatures stop at once.
-    let v = portolan_ok(&w.server, &w.admin, &["key", "create", "--user", "dev"])?;
+    let v = portolan_ok(&w.server.url, &w.admin, &["key", "create", "--user", "dev"])?;
     let dev2 = Creds::from_key_create(&v)?;
     let dev2_pw = w.aws.password(&dev2)?;
     let dev2_basic = anon.basic(&dev2_pw);
@@ -2606,7 +2417,7 @@ async fn attack_classes() -> Result<()> {
     w.aws
         .ok(&dev2, &["list-images", "--repository-name", "team/app"])?;
     let v = portolan_ok(
-        &w.server,
+        &w.server.url,
         &w.admin,
         &["key", "revoke", "--key-id", &dev2.key_id],
     )?;
@@ -2804,11 +2615,11 @@ fn base64_helpers_round_trip() -> Result<()> {
     }
     assert!(base64_decode("a*b").is_err());
     assert_eq!(
-        operation_name("put-image-tag-mutability"),
+        ecr_operation_name("put-image-tag-mutability"),
         "PutImageTagMutability"
     );
     assert_eq!(
-        operation_name("get-login-password"),
+        ecr_operation_name("get-login-password"),
         "GetAuthorizationToken"
     );
     Ok(())
@@ -2833,8 +2644,8 @@ async fn admin_key_from_config_and_public_repositories() -> Result<()> {
         "127.0.0.1:0",
         &["--config".to_string(), config.display().to_string()],
     )?;
-    let aws = AwsCli::new(&server)?;
-    let admin = Creds::admin();
+    let aws = AwsCli::new(&server.url)?;
+    let admin = admin_creds();
     let anon = Reg::anonymous(&server);
     // Closed: the configured key counts as an administrator key.
     expect(
@@ -2939,9 +2750,9 @@ async fn admin_key_from_config_and_public_repositories() -> Result<()> {
 async fn create_only_principal_cannot_move_tags() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let server = start_server(&tmp.path().join("data"))?;
-    let aws = AwsCli::new(&server)?;
-    let admin = Creds::admin();
-    portolan_ok(&server, &admin, &["user", "create", "--user", "ci"])?;
+    let aws = AwsCli::new(&server.url)?;
+    let admin = admin_creds();
+    portolan_ok(&server.url, &admin, &["user", "create", "--user", "ci"])?;
     let policy = json!({
         "Version": "2012-10-17",
         "Statement": [
@@ -2965,12 +2776,12 @@ async fn create_only_principal_cannot_move_tags() -> Result<()> {
     });
     let file = policy_file(tmp.path(), "ci", &policy)?;
     portolan_ok(
-        &server,
+        &server.url,
         &admin,
         &["user", "put-policy", "--user", "ci", "--policy-file", &file],
     )?;
     let ci = Creds::from_key_create(&portolan_ok(
-        &server,
+        &server.url,
         &admin,
         &["key", "create", "--user", "ci"],
     )?)?;
@@ -3064,8 +2875,8 @@ async fn expired_tokens_are_refused() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let data = tmp.path().join("data");
     let server = start_server(&data)?;
-    let aws = AwsCli::new(&server)?;
-    let password = aws.password(&Creds::admin())?;
+    let aws = AwsCli::new(&server.url)?;
+    let password = aws.password(&admin_creds())?;
     let raw = std::fs::read(data.join("cluster.key")).context("read the node's cluster key")?;
     ensure!(raw.len() == 32, "cluster.key is {} bytes", raw.len());
     let mac_key = hmac_sha256(&raw, b"portolan token v1");
