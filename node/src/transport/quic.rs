@@ -373,9 +373,15 @@ impl Transport for QuicTransport {
             write_frame(&mut send, &req)
                 .await
                 .map_err(|e| proto(target, e))?;
-            send.write_all(&bytes).await.map_err(|e| proto(target, e))?;
-            send.finish().map_err(|e| proto(target, e))?;
-            match read_frame(&mut recv).await.map_err(|e| proto(target, e))? {
+            // A peer that already holds the blob, or refuses it, answers without reading the
+            // bytes and stops the stream: its answer, not the interrupted write, decides.
+            let wrote = send.write_all(&bytes).await;
+            let _ = send.finish();
+            let answer = read_frame(&mut recv).await.map_err(|e| match &wrote {
+                Err(w) => proto(target, format!("{w}; no answer: {e}")),
+                Ok(()) => proto(target, e),
+            })?;
+            match answer {
                 PeerResponse::BlobStored => Ok(()),
                 PeerResponse::Refused(reason) => Err(TransportError::Refused {
                     peer: target,
