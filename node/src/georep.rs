@@ -1495,6 +1495,9 @@ impl<P: Platform> Georep<P> {
                     blobs_shipped: s.blobs_shipped.load(Ordering::Relaxed),
                     blobs_present: s.blobs_present.load(Ordering::Relaxed),
                     events_shipped: s.events_shipped.load(Ordering::Relaxed),
+                    lag_ms_p50: quantile(&lag, 0.5),
+                    lag_ms_p99: quantile(&lag, 0.99),
+                    lag_samples: lag.len(),
                     lag_ms: lag,
                     region: d.region.clone(),
                     account: d.account.to_string(),
@@ -1759,6 +1762,21 @@ pub struct DestReport {
     pub events_shipped: u64,
     #[serde(skip)]
     pub lag_ms: Vec<u64>,
+    /// Push-to-applied-there lag of the recent events (ms): median, 99th percentile, count.
+    pub lag_ms_p50: Option<u64>,
+    pub lag_ms_p99: Option<u64>,
+    pub lag_samples: usize,
+}
+
+/// The `q` quantile (0..=1) of `samples`, nearest rank.
+pub fn quantile(samples: &[u64], q: f64) -> Option<u64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut v = samples.to_vec();
+    v.sort_unstable();
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    Some(v[rank - 1])
 }
 
 fn bounded(n: usize, what: &str) -> Ship<()> {
@@ -1774,6 +1792,15 @@ fn bounded(n: usize, what: &str) -> Ship<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(quantile(&v, 0.5), Some(50));
+        assert_eq!(quantile(&v, 0.99), Some(99));
+        assert_eq!(quantile(&[7], 0.99), Some(7));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
 
     #[test]
     fn cidrs_match_by_prefix() {

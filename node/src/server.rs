@@ -379,13 +379,23 @@ impl Node {
                     tick.tick().await;
                     let store = store.clone();
                     let limits = limits.clone();
-                    let n = tokio::task::spawn_blocking(move || {
-                        expire_uploads(&store, &limits, now_ms(), UPLOAD_EXPIRY_SCAN_MAX)
+                    let (n, staged) = tokio::task::spawn_blocking(move || {
+                        let now = now_ms();
+                        let n = expire_uploads(&store, &limits, now, UPLOAD_EXPIRY_SCAN_MAX);
+                        // Chunks staged for a cross-region transfer that never completed.
+                        let before = now.saturating_sub(limits.upload_idle_ms_max);
+                        let staged = store
+                            .expire_staged(before, UPLOAD_EXPIRY_SCAN_MAX)
+                            .unwrap_or(0);
+                        (n, staged)
                     })
                     .await
-                    .unwrap_or(0);
+                    .unwrap_or((0, 0));
                     if n > 0 {
                         tracing::info!(expired = n, "removed idle upload sessions");
+                    }
+                    if staged > 0 {
+                        tracing::info!(expired = staged, "removed abandoned staged chunks");
                     }
                 }
             })
