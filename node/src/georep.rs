@@ -1740,6 +1740,22 @@ impl<P: Platform> Georep<P> {
     }
 }
 
+#[cfg(test)]
+impl GeoRequest {
+    /// The same changes, applied to `target` (tests).
+    fn with_target(self, target: GeoTarget) -> GeoRequest {
+        match self {
+            GeoRequest::Apply { items } => GeoRequest::Apply {
+                items: items
+                    .into_iter()
+                    .map(|(_, c)| (target.clone(), c))
+                    .collect(),
+            },
+            other => other,
+        }
+    }
+}
+
 /// One destination's replication state.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DestReport {
@@ -1792,6 +1808,305 @@ fn bounded(n: usize, what: &str) -> Ship<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::Production;
+    use crate::transport::quic::{NodeTls, QuicTransport};
+    use engine::origin::Stamp;
+
+    /// A single-node region "east" with cross-region replication, for driving its receiving
+    /// side directly with what another region might send.
+    async fn east() -> (tempfile::TempDir, Arc<Georep<Production>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(engine::kv::RocksKv::open(&dir.path().join("meta")).unwrap());
+        let blobs = engine::blob_store::BlobStore::open(&dir.path().join("store")).unwrap();
+        let config = crate::Config::default();
+        let raft = crate::raft::Raft::new(
+            1,
+            crate::server::raft_config(&config).unwrap(),
+            crate::raft::network::LocalNetwork,
+            crate::raft::log_store::LogStore::new(kv.clone()),
+            crate::raft::state_machine::StateMachine::new(kv.clone(), "east"),
+        )
+        .await
+        .unwrap();
+        let info = NodeInfo {
+            http: "127.0.0.1:1".into(),
+            quic: "127.0.0.1:2".into(),
+        };
+        raft.initialize(BTreeMap::from([(1, info)])).await.unwrap();
+        raft.wait(Some(Duration::from_secs(10)))
+            .metrics(|m| m.current_leader == Some(1), "leader")
+            .await
+            .unwrap();
+        let registry = Arc::new(NodeRegistry::<Production>::new(
+            1,
+            raft,
+            kv,
+            blobs,
+            Arc::new(crate::clock::SystemClock),
+            config.limits.clone(),
+            None,
+            Duration::from_secs(10),
+        ));
+        let certs = dir.path().join("certs");
+        crate::cluster::certs::init(&certs, "east", &[1]).unwrap();
+        let tls = NodeTls::load(&certs, 1, &[]).unwrap();
+        let peer = Arc::new(crate::peer::NodePeer::<Production>::new(
+            Duration::from_secs(1),
+        ));
+        let t = QuicTransport::start("127.0.0.1:0".parse().unwrap(), &tls, peer).unwrap();
+        let g = Georep::new(
+            registry,
+            GeoLink::new(t, Vec::new(), 0),
+            "east",
+            &ReplicationSection::default(),
+        );
+        (dir, g)
+    }
+
+    fn target(source: &str, account: &str) -> GeoTarget {
+        GeoTarget {
+            source_account: AccountId::parse(source).unwrap(),
+            account: AccountId::parse(account).unwrap(),
+            repo: RepoName::parse("team/app").unwrap(),
+        }
+    }
+
+    const SAME: &str = "000000000000";
+    const OTHER: &str = "111122223333";
+
+    fn failed(r: &GeoResponse, what: &str) {
+        assert!(matches!(r, GeoResponse::Failed(_)), "{what}: {r:?}");
+    }
+
+    /// What another region sends is validated: bounds, digests, sizes, stamps, account
+    /// policies and rules; nothing is committed from a bad message, and a good shipment
+    /// applies, twice without harm.
+    #[tokio::test]
+    async fn the_receiving_side_refuses_what_does_not_verify() {
+        let (_dir, g) = east().await;
+        let t = target(SAME, SAME);
+        // Lists past the bound.
+        let d0 = Digest::sha256_of(b"x");
+        let r = g
+            .serve(
+                "west",
+                GeoRequest::Offer {
+                    target: t.clone(),
+                    blobs: vec![(d0.clone(), 1); GEO_LIST_MAX + 1],
+                },
+            )
+            .await;
+        failed(&r, "oversized offer");
+        let r = g
+            .serve(
+                "west",
+                GeoRequest::Chunks {
+                    chunks: vec![vec![0u8; 4 * 1024 * 1024]; 5],
+                },
+            )
+            .await;
+        failed(&r, "chunk batch over GEO_BATCH_BYTES_MAX");
+        // A blob assembled from chunks it was not sent, or whose sizes do not add up, or
+        // whose bytes are not the digest: refused, nothing committed.
+        let layer: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let ld = Digest::sha256_of(&layer);
+        let chunks = engine::chunker::chunk_all(&layer);
+        let r = g
+            .serve(
+                "west",
+                GeoRequest::Assemble {
+                    target: t.clone(),
+                    digest: ld.clone(),
+                    size_bytes: layer.len() as u64,
+                    chunks: chunks.clone(),
+                },
+            )
+            .await;
+        failed(&r, "assemble before the chunks came");
+        let r = g
+            .serve(
+                "west",
+                GeoRequest::Chunks {
+                    chunks: vec![layer.clone()],
+                },
+            )
+            .await;
+        assert!(matches!(r, GeoResponse::Done), "{r:?}");
+        let r = g
+            .serve(
+                "west",
+                GeoRequest::Assemble {
+                    target: t.clone(),
+                    digest: ld.clone(),
+                    size_bytes: layer.len() as u64 + 1,
+                    chunks: chunks.clone(),
+                },
+            )
+            .await;
+        failed(&r, "sizes that do not add up");
+        let r = g
+            .serve(
+                "west",
+                GeoRequest::Assemble {
+                    target: t.clone(),
+                    digest: Digest::sha256_of(b"something else"),
+                    size_bytes: layer.len() as u64,
+                    chunks: chunks.clone(),
+                },
+            )
+            .await;
+        failed(&r, "bytes that are not the digest");
+        assert!(g.state().blob(&ld).unwrap().is_none());
+        // The right one commits.
+        let r = g
+            .serve(
+                "west",
+                GeoRequest::Assemble {
+                    target: t.clone(),
+                    digest: ld.clone(),
+                    size_bytes: layer.len() as u64,
+                    chunks,
+                },
+            )
+            .await;
+        assert!(matches!(r, GeoResponse::Done), "{r:?}");
+        // An offer of a blob it has, at another size: refused.
+        let r = g
+            .serve(
+                "west",
+                GeoRequest::Offer {
+                    target: t.clone(),
+                    blobs: vec![(ld.clone(), 5)],
+                },
+            )
+            .await;
+        failed(&r, "offer with a wrong size");
+        // The config, then the manifest with its tag.
+        let config = b"{}".to_vec();
+        let cd = Digest::sha256_of(&config);
+        g.serve(
+            "west",
+            GeoRequest::Chunks {
+                chunks: vec![config.clone()],
+            },
+        )
+        .await;
+        let r = g
+            .serve(
+                "west",
+                GeoRequest::Assemble {
+                    target: t.clone(),
+                    digest: cd.clone(),
+                    size_bytes: 2,
+                    chunks: engine::chunker::chunk_all(&config),
+                },
+            )
+            .await;
+        assert!(matches!(r, GeoResponse::Done), "{r:?}");
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{}}}]}}"#,
+            layer.len()
+        )
+        .into_bytes();
+        let md = Digest::sha256_of(&manifest);
+        let tag = engine::Tag::parse("v1").unwrap();
+        let put =
+            |digest: Digest, tag: Option<engine::Tag>, stamp: Option<Stamp>| GeoRequest::Apply {
+                items: vec![(
+                    t.clone(),
+                    GeoChange::ManifestPut {
+                        digest,
+                        media_type: engine::media::OCI_MANIFEST.into(),
+                        bytes: manifest.clone(),
+                        tag,
+                        stamp,
+                    },
+                )],
+            };
+        let west = |hlc| Stamp {
+            hlc,
+            region: "west".into(),
+        };
+        failed(
+            &g.serve("west", put(Digest::sha256_of(b"not it"), None, None))
+                .await,
+            "manifest bytes that are not the digest",
+        );
+        failed(
+            &g.serve("west", put(md.clone(), Some(tag.clone()), None))
+                .await,
+            "a tag move without a stamp",
+        );
+        failed(
+            &g.serve(
+                "west",
+                put(
+                    md.clone(),
+                    Some(tag.clone()),
+                    Some(Stamp {
+                        hlc: 5,
+                        region: "east".into(),
+                    }),
+                ),
+            )
+            .await,
+            "a stamp of another region",
+        );
+        for _ in 0..2 {
+            let r = g
+                .serve(
+                    "west",
+                    put(md.clone(), Some(tag.clone()), Some(west(1 << 20))),
+                )
+                .await;
+            assert!(matches!(r, GeoResponse::Done), "{r:?}");
+        }
+        let st = g.state();
+        let repo = RepoName::parse("team/app").unwrap();
+        assert_eq!(
+            st.tag(AccountId::DEFAULT, &repo, &tag)
+                .unwrap()
+                .unwrap()
+                .digest,
+            md
+        );
+        // Another account: refused without the destination account's registry policy (and
+        // without the account itself).
+        let r = g
+            .serve(
+                "west",
+                put(md.clone(), None, None).with_target(target(OTHER, SAME)),
+            )
+            .await;
+        assert!(
+            matches!(r, GeoResponse::Denied(ref m) if m.contains("registry policy")),
+            "{r:?}"
+        );
+        let r = g
+            .serve(
+                "west",
+                GeoRequest::Offer {
+                    target: target(SAME, OTHER),
+                    blobs: vec![],
+                },
+            )
+            .await;
+        assert!(
+            matches!(r, GeoResponse::Denied(ref m) if m.contains("does not exist")),
+            "{r:?}"
+        );
+        // Read-through needs a rule of this region that sends the repository to the asker.
+        let r = g
+            .serve(
+                "west",
+                GeoRequest::FetchManifest {
+                    target: t.clone(),
+                    reference: "v1".into(),
+                },
+            )
+            .await;
+        assert!(matches!(r, GeoResponse::Denied(_)), "{r:?}");
+    }
 
     #[test]
     fn quantiles_by_nearest_rank() {

@@ -507,3 +507,102 @@ async fn serve_stream<H: PeerHandler>(
         let _ = send.finish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::certs;
+    use crate::transport::{GeoRequest, GeoResponse};
+
+    /// Answers every request, recording the region cross-region ones claim to come from.
+    #[derive(Default)]
+    struct Recorder {
+        geo_from: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl PeerHandler for Recorder {
+        async fn handle(&self, _req: PeerRequest) -> PeerResponse {
+            PeerResponse::MembershipChanged
+        }
+
+        async fn store_blob(&self, _d: Digest, _n: u64, _b: BlobReader) -> PeerResponse {
+            PeerResponse::BlobStored
+        }
+
+        async fn read_blob(&self, _d: &Digest) -> Option<BlobBytes> {
+            None
+        }
+
+        async fn handle_geo(&self, from: &str, _req: GeoRequest) -> GeoResponse {
+            self.geo_from.lock().unwrap().push(from.to_string());
+            GeoResponse::Pong
+        }
+    }
+
+    fn start(
+        dir: &Path,
+        id: NodeId,
+        remote: &[(String, std::path::PathBuf)],
+    ) -> (Arc<QuicTransport>, Arc<Recorder>, NodeInfo) {
+        let tls = NodeTls::load(dir, id, remote).unwrap();
+        let rec = Arc::new(Recorder::default());
+        let t = QuicTransport::start("127.0.0.1:0".parse().unwrap(), &tls, rec.clone()).unwrap();
+        let info = NodeInfo {
+            http: String::new(),
+            quic: t.local_addr().unwrap().to_string(),
+        };
+        (t, rec, info)
+    }
+
+    /// A node serves its own region everything and another region only cross-region
+    /// requests, tells them apart by the CA that signed the peer (not by what the peer says),
+    /// and does not talk to a region it was not configured to trust.
+    #[tokio::test]
+    async fn peers_are_classified_by_the_ca_that_signed_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            tmp.path().join("a"),
+            tmp.path().join("b"),
+            tmp.path().join("c"),
+        );
+        certs::init(&a, "east", &[1, 2]).unwrap();
+        certs::init(&b, "west", &[1]).unwrap();
+        certs::init(&c, "rogue", &[1]).unwrap();
+        let (_a1, a1_rec, a1) = start(&a, 1, &[("west".into(), b.join("ca.pem"))]);
+        let (a2, _, _) = start(&a, 2, &[("west".into(), b.join("ca.pem"))]);
+        let (b1, _, _) = start(&b, 1, &[("east".into(), a.join("ca.pem"))]);
+        let (c1, _, _) = start(&c, 1, &[("east".into(), a.join("ca.pem"))]);
+
+        // Same region: served.
+        let r = a2
+            .call(1, &a1, PeerRequest::RemoveMember { node_id: 9 })
+            .await;
+        assert!(matches!(r, Ok(PeerResponse::MembershipChanged)), "{r:?}");
+        // Same region, cross-region request: refused.
+        let r = a2.call(1, &a1, PeerRequest::Geo(GeoRequest::Ping)).await;
+        assert!(matches!(r, Ok(PeerResponse::Refused(_))), "{r:?}");
+        // Another region: cross-region requests only, attributed to the region of its CA.
+        let r = b1.call(1, &a1, PeerRequest::Geo(GeoRequest::Ping)).await;
+        assert!(
+            matches!(r, Ok(PeerResponse::Geo(GeoResponse::Pong))),
+            "{r:?}"
+        );
+        assert_eq!(*a1_rec.geo_from.lock().unwrap(), vec!["west".to_string()]);
+        let r = b1
+            .call(1, &a1, PeerRequest::RemoveMember { node_id: 9 })
+            .await;
+        match r {
+            Ok(PeerResponse::Refused(why)) => assert!(why.contains("cross-region"), "{why}"),
+            other => panic!("a remote region's Raft traffic was not refused: {other:?}"),
+        }
+        let digest = Digest::sha256_of(b"x");
+        let r = b1
+            .put_blob(1, &a1, &digest, bytes::Bytes::from_static(b"x"))
+            .await;
+        assert!(r.is_err(), "a remote region stored a replica: {r:?}");
+        // A CA the node does not trust cannot connect at all.
+        let r = c1.call(1, &a1, PeerRequest::Geo(GeoRequest::Ping)).await;
+        assert!(r.is_err(), "an untrusted region got an answer: {r:?}");
+        assert_eq!(a1_rec.geo_from.lock().unwrap().len(), 1);
+    }
+}
