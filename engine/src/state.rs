@@ -652,18 +652,7 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                     return Ok(Outcome::TagUnknown(tag.clone()));
                 }
                 batch.delete(Cf::Tags, keys::repo_item_key(*account, repo, tag.as_str()));
-                let stamp = self.local_stamp(*now_ms, batch)?;
-                crate::origin::set(
-                    self.kv,
-                    *account,
-                    repo,
-                    tag,
-                    &crate::origin::TagOrigin {
-                        digest: None,
-                        stamp: stamp.clone(),
-                    },
-                    batch,
-                )?;
+                let stamp = self.stamp_local_change(*account, repo, tag, None, *now_ms, batch)?;
                 crate::outbox::record(
                     self.kv,
                     *account,
@@ -740,16 +729,33 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
         Ok(Outcome::Done)
     }
 
-    /// A new stamp for a tag change made in this region.
-    fn local_stamp(
+    /// Stamps a tag change made in this region (a move to `digest`, or a delete) and records
+    /// it as the tag's current origin; returns the stamp.
+    fn stamp_local_change(
         &self,
+        acct: AccountId,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: Option<&Digest>,
         now_ms: u64,
         batch: &mut Batch,
     ) -> Result<crate::origin::Stamp, StateError> {
-        Ok(crate::origin::Stamp {
+        let stamp = crate::origin::Stamp {
             hlc: crate::origin::tick(self.kv, now_ms, batch)?,
             region: self.region.to_string(),
-        })
+        };
+        crate::origin::set(
+            self.kv,
+            acct,
+            repo,
+            tag,
+            &crate::origin::TagOrigin {
+                digest: digest.cloned(),
+                stamp: stamp.clone(),
+            },
+            batch,
+        )?;
+        Ok(stamp)
     }
 
     /// Whether a change stamped `stamp` from another region beats the tag's current state;
@@ -953,19 +959,7 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
         let stamp = match tag {
             Some(tag) => {
                 put_tag(batch, tag);
-                let stamp = self.local_stamp(now_ms, batch)?;
-                crate::origin::set(
-                    self.kv,
-                    acct,
-                    repo,
-                    tag,
-                    &crate::origin::TagOrigin {
-                        digest: Some(digest.clone()),
-                        stamp: stamp.clone(),
-                    },
-                    batch,
-                )?;
-                Some(stamp)
+                Some(self.stamp_local_change(acct, repo, tag, Some(digest), now_ms, batch)?)
             }
             None => None,
         };

@@ -722,6 +722,14 @@ struct LinkBody {
     delay_ms: Option<u64>,
 }
 
+/// The answer of a replication route on a node without cross-region replication.
+fn no_georep() -> axum::response::Response {
+    admin_error(
+        axum::http::StatusCode::CONFLICT,
+        "this node replicates with no other region".into(),
+    )
+}
+
 /// Largest inventory a verify request may carry.
 const VERIFY_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 
@@ -743,10 +751,7 @@ async fn replication_inventory(
         );
     }
     let Some(g) = &st.georep else {
-        return admin_error(
-            axum::http::StatusCode::CONFLICT,
-            "this node replicates with no other region".into(),
-        );
+        return no_georep();
     };
     match g.inventory(&region) {
         Ok((items, truncated)) => (
@@ -768,10 +773,7 @@ async fn replication_verify(
     body: axum::body::Bytes,
 ) -> axum::response::Response {
     let Some(g) = &st.georep else {
-        return admin_error(
-            axum::http::StatusCode::CONFLICT,
-            "this node replicates with no other region".into(),
-        );
+        return no_georep();
     };
     let b: VerifyBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
@@ -807,10 +809,7 @@ async fn replication_link(
 ) -> axum::response::Response {
     use std::sync::atomic::Ordering;
     let Some(g) = &st.georep else {
-        return admin_error(
-            axum::http::StatusCode::CONFLICT,
-            "this node replicates with no other region".into(),
-        );
+        return no_georep();
     };
     let b: LinkBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
