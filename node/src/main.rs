@@ -43,6 +43,9 @@ enum Cmd {
     /// Access keys (the account's root key).
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Cross-region replication: rules, status, the link.
+    #[command(subcommand)]
+    Replication(ReplicationCmd),
     /// Disaster-recovery drills across regions.
     #[command(subcommand)]
     Drill(DrillCmd),
@@ -68,6 +71,41 @@ enum Cmd {
         /// the blob. Repeatable.
         #[arg(long = "client-network", value_name = "CIDR=REGION")]
         client_networks: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplicationCmd {
+    /// Set the account's replication configuration (ECR PutReplicationConfiguration) from a
+    /// JSON file: {"rules": [{"destinations": [{"region": ..., "registryId": ...}],
+    /// "repositoryFilters": [{"filter": "team/", "filterType": "PREFIX_MATCH"}]}]}.
+    Put {
+        #[command(flatten)]
+        target: AdminTarget,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Print the account's replication configuration (ECR DescribeRegistry).
+    Get {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Per destination: cursor, backlog, failure, bytes shipped vs logical, lag.
+    Status {
+        /// Any node of the region, http://host:port.
+        #[arg(long, default_value = "http://127.0.0.1:5000")]
+        node: String,
+    },
+    /// Pause or resume this node's workers, cut or restore its link, set its WAN delay.
+    Link {
+        #[arg(long, default_value = "http://127.0.0.1:5000")]
+        node: String,
+        #[arg(long)]
+        paused: Option<bool>,
+        #[arg(long)]
+        blocked: Option<bool>,
+        #[arg(long)]
+        delay_ms: Option<u64>,
     },
 }
 
@@ -163,7 +201,22 @@ enum KeyCmd {
 }
 
 /// Runs one administration call and prints its JSON answer.
-fn admin_call(target: &AdminTarget, op: &str, mut body: serde_json::Value) -> Result<()> {
+fn admin_call(target: &AdminTarget, op: &str, body: serde_json::Value) -> Result<()> {
+    let v = signed_call(target, registry_api::ecr::ADMIN_TARGET_PREFIX, op, body)?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+/// `X-Amz-Target` prefix of ECR operations.
+const ECR_TARGET_PREFIX: &str = "AmazonEC2ContainerRegistry_V20150921.";
+
+/// One signed JSON 1.1 call with the key in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+fn signed_call(
+    target: &AdminTarget,
+    prefix: &str,
+    op: &str,
+    mut body: serde_json::Value,
+) -> Result<serde_json::Value> {
     let key_id = std::env::var("AWS_ACCESS_KEY_ID")
         .context("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to an administrator key")?;
     let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
@@ -177,7 +230,7 @@ fn admin_call(target: &AdminTarget, op: &str, mut body: serde_json::Value) -> Re
         .context("start runtime")?;
     let (status, text) = rt.block_on(admin_client::signed_call(
         &target.endpoint,
-        &format!("{}{op}", registry_api::ecr::ADMIN_TARGET_PREFIX),
+        &format!("{prefix}{op}"),
         &body.to_string(),
         &key_id,
         &secret,
@@ -185,8 +238,125 @@ fn admin_call(target: &AdminTarget, op: &str, mut body: serde_json::Value) -> Re
     if status != 200 {
         bail!("{op} failed ({status}): {text}");
     }
-    let v: serde_json::Value = serde_json::from_str(&text).context("answer is not JSON")?;
-    println!("{}", serde_json::to_string_pretty(&v)?);
+    serde_json::from_str(&text).context("answer is not JSON")
+}
+
+fn replication(cmd: ReplicationCmd) -> Result<()> {
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("start runtime")
+    };
+    match cmd {
+        ReplicationCmd::Put { target, file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("read {}", file.display()))?;
+            let config: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", file.display()))?;
+            let v = signed_call(
+                &target,
+                ECR_TARGET_PREFIX,
+                "PutReplicationConfiguration",
+                serde_json::json!({ "replicationConfiguration": config }),
+            )?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ReplicationCmd::Get { target } => {
+            let v = signed_call(
+                &target,
+                ECR_TARGET_PREFIX,
+                "DescribeRegistry",
+                serde_json::json!({}),
+            )?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v["replicationConfiguration"])?
+            );
+        }
+        ReplicationCmd::Status { node } => {
+            let (status, text) = rt()?.block_on(admin_client::request(
+                &node,
+                "GET",
+                "/_portolan/v1/replication",
+                None,
+            ))?;
+            if status != 200 {
+                bail!("status answered {status}: {text}");
+            }
+            let v: serde_json::Value = serde_json::from_str(&text).context("parse status")?;
+            println!(
+                "region {}  paused {}  link {}  wan delay {} ms",
+                v["region"].as_str().unwrap_or(""),
+                v["paused"],
+                if v["link_blocked"] == true {
+                    "cut"
+                } else {
+                    "up"
+                },
+                v["wan_delay_ms"]
+            );
+            for r in v["regions"].as_array().into_iter().flatten() {
+                println!(
+                    "  peer region {:<16} rtt {} ms",
+                    r["name"].as_str().unwrap_or(""),
+                    r["rtt_ms"]
+                );
+            }
+            println!(
+                "{:<16} {:>12} {:>8} {:>9} {:>14} {:>14} {:>8} {:>8}  failure",
+                "destination",
+                "account",
+                "behind",
+                "behind_s",
+                "shipped",
+                "logical",
+                "p50_ms",
+                "p99_ms"
+            );
+            for d in v["destinations"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {:>12} {:>8} {:>9.1} {:>14} {:>14} {:>8} {:>8}  {}",
+                    d["region"].as_str().unwrap_or(""),
+                    d["account"].as_str().unwrap_or(""),
+                    d["events_behind"].to_string(),
+                    d["seconds_behind"].as_f64().unwrap_or(0.0),
+                    d["bytes_shipped"].to_string(),
+                    d["bytes_logical"].to_string(),
+                    d["lag_ms_p50"].to_string(),
+                    d["lag_ms_p99"].to_string(),
+                    d["failure"].as_str().unwrap_or("-"),
+                );
+            }
+        }
+        ReplicationCmd::Link {
+            node,
+            paused,
+            blocked,
+            delay_ms,
+        } => {
+            let mut body = serde_json::Map::new();
+            if let Some(p) = paused {
+                body.insert("paused".into(), p.into());
+            }
+            if let Some(b) = blocked {
+                body.insert("blocked".into(), b.into());
+            }
+            if let Some(d) = delay_ms {
+                body.insert("delay_ms".into(), d.into());
+            }
+            let body = serde_json::Value::Object(body).to_string();
+            let (status, text) = rt()?.block_on(admin_client::request(
+                &node,
+                "POST",
+                "/_portolan/v1/replication/link",
+                Some(&body),
+            ))?;
+            if status != 200 {
+                bail!("link answered {status}: {text}");
+            }
+        }
+    }
     Ok(())
 }
 
@@ -325,6 +495,7 @@ fn main() -> Result<()> {
             "RevokeAccessKey",
             serde_json::json!({ "accessKeyId": key_id }),
         ),
+        Cmd::Replication(r) => replication(r),
         Cmd::Drill(d) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
