@@ -752,7 +752,15 @@ impl<P: Platform> Georep<P> {
             })
             .collect();
         let mut missing = Vec::new();
-        for (i, part) in chunks.chunks(GEO_LIST_MAX).enumerate() {
+        // A blob of one chunk is sent whole: asking first would cost a round trip to save it.
+        if chunks.len() == 1 {
+            missing.push(0);
+        }
+        for (i, part) in chunks
+            .chunks(GEO_LIST_MAX)
+            .enumerate()
+            .filter(|_| chunks.len() > 1)
+        {
             match self
                 .link
                 .call_node(
@@ -781,7 +789,8 @@ impl<P: Platform> Georep<P> {
                 .ok_or_else(|| GeoError::failed(format!("chunk index of {digest} overruns it")))?;
             batch_bytes += len as u64;
             batch.push(part.to_vec());
-            if batch_bytes >= GEO_BATCH_BYTES_MAX / 2 || n + 1 == missing.len() {
+            // Full batches go ahead; the last one travels with the assembly.
+            if batch_bytes >= GEO_BATCH_BYTES_MAX / 2 && n + 1 < missing.len() {
                 let sent = std::mem::take(&mut batch);
                 match self
                     .link
@@ -807,11 +816,17 @@ impl<P: Platform> Georep<P> {
                     digest: digest.clone(),
                     size_bytes: size,
                     chunks,
+                    data: batch,
                 },
             )
             .await?
         {
-            GeoResponse::Done => Ok(()),
+            GeoResponse::Done => {
+                stats
+                    .bytes_shipped
+                    .fetch_add(batch_bytes, Ordering::Relaxed);
+                Ok(())
+            }
             other => Err(GeoError::failed(format!("assemble answered {other:?}"))),
         }
     }
@@ -902,27 +917,7 @@ impl<P: Platform> Georep<P> {
                 Ok(GeoResponse::MissingChunks(missing))
             }
             GeoRequest::Chunks { chunks } => {
-                bounded(chunks.len(), "chunks sent")?;
-                let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-                if total > GEO_BATCH_BYTES_MAX {
-                    return Err(GeoError::failed(format!(
-                        "{total} chunk bytes in one message; the bound is {GEO_BATCH_BYTES_MAX}"
-                    )));
-                }
-                let store = self.registry.blob_store().clone();
-                let now = self.registry.now_ms();
-                self.registry
-                    .blocking(move || {
-                        for c in &chunks {
-                            let hash: [u8; 32] = blake3::hash(c).into();
-                            store
-                                .stage_chunk(&hash, c, now)
-                                .map_err(|e| ApiError::BlobUploadInvalid(e.to_string()))?;
-                        }
-                        Ok(())
-                    })
-                    .await
-                    .map_err(api)?;
+                self.stage(chunks).await?;
                 Ok(GeoResponse::Done)
             }
             GeoRequest::Assemble {
@@ -930,8 +925,10 @@ impl<P: Platform> Georep<P> {
                 digest,
                 size_bytes,
                 chunks,
+                data,
             } => {
                 self.admit_shipment(from, &target)?;
+                self.stage(data).await?;
                 self.assemble(&target, &digest, size_bytes, chunks).await?;
                 Ok(GeoResponse::Done)
             }
@@ -1039,6 +1036,34 @@ impl<P: Platform> Georep<P> {
                 Ok(GeoResponse::ChunkData(out))
             }
         }
+    }
+
+    /// Keeps chunks sent by another region (each named by its own BLAKE3 hash), bounded.
+    async fn stage(&self, chunks: Vec<Vec<u8>>) -> Ship<()> {
+        bounded(chunks.len(), "chunks sent")?;
+        let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        if total > GEO_BATCH_BYTES_MAX {
+            return Err(GeoError::failed(format!(
+                "{total} chunk bytes in one message; the bound is {GEO_BATCH_BYTES_MAX}"
+            )));
+        }
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let store = self.registry.blob_store().clone();
+        let now = self.registry.now_ms();
+        self.registry
+            .blocking(move || {
+                for c in &chunks {
+                    let hash: [u8; 32] = blake3::hash(c).into();
+                    store
+                        .stage_chunk(&hash, c, now)
+                        .map_err(|e| ApiError::BlobUploadInvalid(e.to_string()))?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| GeoError::failed(e.to_string()))
     }
 
     async fn propose(&self, cmd: Command) -> Ship<()> {
@@ -1919,6 +1944,7 @@ mod tests {
                     digest: ld.clone(),
                     size_bytes: layer.len() as u64,
                     chunks: chunks.clone(),
+                    data: vec![],
                 },
             )
             .await;
@@ -1940,6 +1966,7 @@ mod tests {
                     digest: ld.clone(),
                     size_bytes: layer.len() as u64 + 1,
                     chunks: chunks.clone(),
+                    data: vec![],
                 },
             )
             .await;
@@ -1952,6 +1979,7 @@ mod tests {
                     digest: Digest::sha256_of(b"something else"),
                     size_bytes: layer.len() as u64,
                     chunks: chunks.clone(),
+                    data: vec![],
                 },
             )
             .await;
@@ -1966,6 +1994,7 @@ mod tests {
                     digest: ld.clone(),
                     size_bytes: layer.len() as u64,
                     chunks,
+                    data: vec![],
                 },
             )
             .await;
@@ -1999,6 +2028,7 @@ mod tests {
                     digest: cd.clone(),
                     size_bytes: 2,
                     chunks: engine::chunker::chunk_all(&config),
+                    data: vec![],
                 },
             )
             .await;

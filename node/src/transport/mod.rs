@@ -80,13 +80,15 @@ pub enum GeoRequest {
     ChunkQuery { chunks: Vec<ChunkRef> },
     /// Chunks to keep until a blob is assembled from them (each verified against its hash).
     Chunks { chunks: Vec<Vec<u8>> },
-    /// Assemble a blob from chunks the node has or was sent, verify, store on the region's
-    /// write quorum and commit it into the target.
+    /// Assemble a blob from chunks the node has, was sent, or finds in `data` (the last
+    /// batch of missing chunks, carried along), verify, store on the region's write quorum and
+    /// commit it into the target.
     Assemble {
         target: GeoTarget,
         digest: Digest,
         size_bytes: u64,
         chunks: Vec<ChunkRef>,
+        data: Vec<Vec<u8>>,
     },
     /// Apply changes in order (their blobs are already there).
     Apply { items: Vec<(GeoTarget, GeoChange)> },
