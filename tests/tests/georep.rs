@@ -14,14 +14,38 @@
 //!   account of region-2 fails (status and DescribeImageReplicationStatus say why) until that
 //!   account's registry policy allows the source account; then the image lands in that
 //!   account only.
+//! - `drill_verify_reports_what_region_2_would_lose`: `portolan drill verify` says OK (exit 0)
+//!   once region-1's images are in region-2; a byte rotten in region-2's copy of a layer makes
+//!   that image lost ("does not verify"); with replication paused both ways it names exactly
+//!   the images region-2 lacks ("manifest missing") and the tags it lacks or holds older
+//!   ("stale tag"), but not a tag region-2 moved later; resumed, OK again (exit 1 on every
+//!   loss; `--cluster-dir` and `--source-url/--target-url` both used).
+//! - `region_loss_drill_serves_from_region_2_and_region_1_catches_up`: `portolan drill
+//!   region-loss --region region-1` kills region-1, finds every image served by region-2,
+//!   pushes a probe there, restarts region-1 (new pids in cluster.json, same addresses) and
+//!   sees it catch up; afterwards region-1 serves its images and the probe and replicates
+//!   again, and stopping the dev cluster stops the restarted nodes too (checked by pid).
+//! - `blob_pulls_from_region_2_networks_are_redirected_there_over_an_emulated_wan`: with
+//!   `--wan-delay-ms 100`, every node reports the delay and a round trip of at least 200 ms,
+//!   and replication still catches up with a lag p50 of at least 200 ms; with
+//!   `--client-network 127.0.0.2/32=region-2`, an anonymous blob GET from 127.0.0.2 to a
+//!   region-1 node answers 307 to a region-2 node that serves the exact bytes (counted in
+//!   `portolan_http_blob_redirects_total`), while a HEAD, a GET with credentials, a GET from
+//!   127.0.0.1 and a GET of a blob region-2 lacks are served in region-1; skopeo, through a
+//!   proxy whose connections leave from 127.0.0.2, pulls the image with every blob
+//!   redirected. Then wherever a redirect sends a client it must get the blob: a tenant's
+//!   pull (account named by the host) and a pull after the region-2 node the redirect named
+//!   was killed.
 //!
 //! The AWS CLI is required (`scripts/deps.sh test` installs it). A missing skopeo fails the
-//! first test when `CI` is set and is a loud skip of its skopeo pull otherwise (the pull is then
-//! checked over raw HTTP only).
+//! first and the routing test when `CI` is set and is a loud skip of their skopeo pulls
+//! otherwise (the first test's pull is then checked over raw HTTP only; the routing test's
+//! real-client check is skipped). Docker is not used.
 //!
 //! Counters to know: a destination's `cursor`, `events_behind` and `failure` are region state
-//! (the same on every node); its byte, blob and event counters live in the memory of the node
-//! that ran the worker, the source region's leader; `read_through` counts per node.
+//! (the same on every node); its byte, blob and event counters and lag samples live in the
+//! memory of the node that ran the worker, the source region's leader; `read_through` and
+//! `portolan_http_blob_redirects_total` count per node.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -30,8 +54,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use portolan_tests::{
-    basic_auth, find_on_path, portolan_ok, pseudo_random_bytes, run_command, sha256_digest,
-    tool_unavailable, AwsCli, DevCluster, DevNode, OciClient, ACCEPT_ALL_MANIFESTS,
+    basic_auth, find_on_path, portolan_bin, portolan_ok, pseudo_random_bytes, run_command,
+    sha256_digest, tool_unavailable, AwsCli, CmdOutput, DevCluster, DevNode, OciClient,
+    ACCEPT_ALL_MANIFESTS,
 };
 use serde_json::{json, Value};
 
@@ -375,15 +400,16 @@ async fn serves(c: &OciClient, img: &Pushed, where_: &str) -> Result<()> {
     Ok(())
 }
 
-/// `skopeo copy docker://<node>/<repo>:<tag> dir:<out>`; checks that every file of the copy
-/// verifies against its digest, that the blobs are exactly the image's and that the manifest
-/// bytes are the pushed ones. Ok(false): skopeo is unavailable (skipped, loudly).
-fn skopeo_pull(node: &DevNode, img: &Pushed, out: &Path) -> Result<bool> {
+/// `skopeo copy docker://<host>/<repo>:<tag> dir:<out>` (`host` a node's `127.0.0.1:PORT`, or a
+/// proxy's); checks that every file of the copy verifies against its digest, that the blobs
+/// are exactly the image's and that the manifest bytes are the pushed ones. Ok(false): skopeo
+/// is unavailable (skipped, loudly).
+fn skopeo_pull(host: &str, img: &Pushed, out: &Path) -> Result<bool> {
     let Some(skopeo) = find_on_path("skopeo") else {
         tool_unavailable("skopeo", "skopeo is not on PATH")?;
         return Ok(false);
     };
-    let src = format!("docker://{}/{}:{}", node.host, img.repo, img.tag);
+    let src = format!("docker://{host}/{}:{}", img.repo, img.tag);
     let result = run_command(
         Command::new(skopeo)
             .arg("--insecure-policy")
@@ -470,7 +496,7 @@ async fn push_in_one_region_is_pulled_from_the_other() -> Result<()> {
     settle(&r2).await?;
     assert_no_read_through(&r2, "after replication of geo/app:v1, before pulling").await?;
     let pulled = tmp.path().join("pulled");
-    if !skopeo_pull(&r2[2], &app, &pulled)? {
+    if !skopeo_pull(&r2[2].host, &app, &pulled)? {
         serves(&OciClient::new(&r2[2].url), &app, "region-2 node 3").await?;
     }
     for n in &r2 {
@@ -984,5 +1010,902 @@ async fn cross_account_replication_needs_the_destination_registry_policy() -> Re
             n.url
         );
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Disaster-recovery drills
+// ---------------------------------------------------------------------------------------------
+
+/// How long `portolan drill verify` may take.
+const DRILL_VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `portolan drill region-loss` may take (its own catch-up bound is 120 s).
+const REGION_LOSS_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a node may take to exit once told to.
+const EXIT_BOUND: Duration = Duration::from_secs(30);
+
+/// `portolan drill <args> --cluster-dir <the dev cluster's dir>`, in the environment
+/// `DevCluster` gives its nodes (the nodes `region-loss` restarts inherit it).
+fn drill(dc: &DevCluster, args: &[&str], timeout: Duration) -> Result<CmdOutput> {
+    let mut cmd = Command::new(portolan_bin());
+    cmd.arg("drill")
+        .args(args)
+        .arg("--cluster-dir")
+        .arg(&dc.dir)
+        .env_remove("PORTOLAN_ADMIN_ACCESS_KEY_ID")
+        .env_remove("PORTOLAN_ADMIN_SECRET_ACCESS_KEY")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env("RUST_BACKTRACE", "0");
+    run_command(&mut cmd, None, timeout)
+}
+
+/// A drill's verdict: its exit code and its `RESULT:` line. A drill that printed no verdict
+/// failed to run (an error, not a loss), and so does this.
+fn verdict(what: &str, out: &CmdOutput) -> Result<(i32, String)> {
+    let result = out
+        .stdout_text()
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("RESULT: "))
+        .map(str::to_string)
+        .with_context(|| format!("{what} printed no RESULT line: {}", out.describe()))?;
+    let code = out
+        .status
+        .code()
+        .with_context(|| format!("{what} was killed: {}", out.describe()))?;
+    Ok((code, result))
+}
+
+/// The first word after `label` on the first report line (trimmed) that starts with it.
+fn field(report: &str, label: &str) -> Option<String> {
+    report
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+}
+
+/// Every report line (trimmed) that starts with `prefix`, without it.
+fn lines_after(report: &str, prefix: &str) -> BTreeSet<String> {
+    report
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// How `drill verify` names an image of the default account.
+fn image_name(img: &Pushed) -> String {
+    format!("{DEFAULT_ACCOUNT}/{}@{}", img.repo, img.digest)
+}
+
+/// Runs `drill verify` (region-1 to region-2; `urls`: `--source-url`/`--target-url` instead
+/// of cluster.json) and checks its verdict, the counts it reports and exactly what it lists as
+/// lost and as stale. Returns the report.
+async fn drill_verify(
+    dc: &DevCluster,
+    urls: Option<(&DevNode, &DevNode)>,
+    when: &str,
+    want: (u64, u64),
+    lost: &[String],
+    stale: &[String],
+) -> Result<String> {
+    let mut args = vec!["verify", "--source", R1, "--target", R2];
+    let (src, dst);
+    if let Some((s, t)) = urls {
+        (src, dst) = (s.url.clone(), t.url.clone());
+        args.extend(["--source-url", &src, "--target-url", &dst]);
+    }
+    let out = drill(dc, &args, DRILL_VERIFY_TIMEOUT)?;
+    let (code, result) = verdict(&format!("drill verify {when}"), &out)?;
+    let report = out.stdout_text();
+    let loss = !lost.is_empty() || !stale.is_empty();
+    let (want_code, want_result) = if loss {
+        (1, "RESULT: LOSS")
+    } else {
+        (0, "RESULT: OK")
+    };
+    ensure!(
+        code == want_code && result == want_result,
+        "drill verify {when}: exit {code}, {result:?}; want exit {want_code}, {want_result:?}:\n\
+         {report}\nstderr: {}",
+        out.stderr_text()
+    );
+    let (images, verified) = want;
+    let got = (
+        field(&report, "images the rules send:"),
+        field(&report, "verified in region-2:"),
+        field(&report, "RPO (lost if region-1 vanished now):"),
+    );
+    let want_fields = (
+        Some(images.to_string()),
+        Some(verified.to_string()),
+        Some(lost.len().to_string()),
+    );
+    ensure!(
+        got == want_fields,
+        "drill verify {when}: (images the rules send, verified in region-2, RPO images) = \
+         {got:?}, want {want_fields:?}:\n{report}"
+    );
+    let lost_got = lines_after(&report, "lost: ");
+    let stale_got = lines_after(&report, "stale tag: ");
+    let lost_want: BTreeSet<String> = lost.iter().cloned().collect();
+    let stale_want: BTreeSet<String> = stale.iter().cloned().collect();
+    ensure!(
+        lost_got == lost_want && stale_got == stale_want,
+        "drill verify {when}: lost {lost_got:#?} and stale tags {stale_got:#?}; want lost \
+         {lost_want:#?} and stale tags {stale_want:#?}:\n{report}"
+    );
+    Ok(report)
+}
+
+/// A committed blob's file in a node's store (`<data_dir>/store/blobs/sha256/<xx>/<hex>`),
+/// if the node holds it.
+fn blob_file(node: &DevNode, digest: &str) -> Option<std::path::PathBuf> {
+    let hex = digest.strip_prefix("sha256:")?;
+    let p = Path::new(node.entry["data_dir"].as_str()?)
+        .join("store/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex);
+    p.is_file().then_some(p)
+}
+
+/// XORs one byte of a file in place (the length stays: a bit rot, not a truncation).
+fn flip_byte(path: &Path, offset: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset)?;
+    b[0] ^= 0xff;
+    f.write_all_at(&b, offset)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drill_verify_reports_what_region_2_would_lose() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dc = DevCluster::start(&tmp.path().join("dc"), &["--regions", "2", "--nodes", "3"]).await?;
+    let (r1, r2) = (dc.region(R1), dc.region(R2));
+
+    // (a) Two images, replicated: nothing would be lost.
+    let a1 = push(&r1[0], "drill/a", "v1", &[pseudo_random_bytes(71, 400_000)]).await?;
+    let b = push(
+        &r1[1],
+        "drill/b",
+        "v1",
+        &[
+            pseudo_random_bytes(72, 300_000),
+            pseudo_random_bytes(73, 900_000),
+        ],
+    )
+    .await?;
+    let seq = last_seq(&r1).await?;
+    wait_shipped(&r1, R2, DEFAULT_ACCOUNT, seq, REPLICATION_BOUND).await?;
+    settle(&r1).await?;
+    settle(&r2).await?;
+    drill_verify(&dc, None, "once both images shipped", (2, 2), &[], &[]).await?;
+
+    // (b) Region-2's copy of one of b's layers rots (one byte, on every region-2 node that
+    // holds it): the bytes are hashed again, so the image counts as lost until it is repaired.
+    let (layer, _) = &b.blobs[2];
+    let rotten: Vec<(DevNode, std::path::PathBuf)> = r2
+        .iter()
+        .filter_map(|n| blob_file(n, layer).map(|p| (n.clone(), p)))
+        .collect();
+    ensure!(
+        !rotten.is_empty(),
+        "no region-2 node holds {layer} under <data_dir>/store/blobs/sha256 (did the store's \
+         layout change?)"
+    );
+    for (_, p) in &rotten {
+        flip_byte(p, 123_456)?;
+    }
+    let holder = &rotten[0].0;
+    drill_verify(
+        &dc,
+        Some((&r1[2], holder)),
+        &format!(
+            "with {layer} rotten in region-2 (verified on {})",
+            holder.url
+        ),
+        (2, 1),
+        &[format!("{}: blob {layer} does not verify", image_name(&b))],
+        &[],
+    )
+    .await?;
+    for (_, p) in &rotten {
+        flip_byte(p, 123_456)?;
+    }
+    drill_verify(
+        &dc,
+        Some((&r1[2], holder)),
+        "once the rotten byte is restored",
+        (2, 2),
+        &[],
+        &[],
+    )
+    .await?;
+
+    // (c) Replication paused both ways. In region-1: a new repository (drill/c), a's v1 moved
+    // to a new image, b's manifest tagged `extra` too and then b's v1 moved to a new image;
+    // later, in region-2, b's v1 moved to yet another image. Region-2 lacks the three new
+    // images of region-1; its a:v1 is older than region-1's, c:v1 and b:extra it lacks (also
+    // "stale"), and its b:v1 is newer than region-1's: not a loss.
+    let all: Vec<DevNode> = dc.nodes.clone();
+    set_link(&all, json!({ "paused": true })).await?;
+    let c = push(&r1[1], "drill/c", "v1", &[pseudo_random_bytes(74, 500_000)]).await?;
+    let a2 = push(&r1[2], "drill/a", "v1", &[pseudo_random_bytes(75, 450_000)]).await?;
+    OciClient::new(&r1[0].url)
+        .put_manifest(
+            &b.repo,
+            "extra",
+            "application/vnd.oci.image.manifest.v1+json",
+            &b.manifest,
+        )
+        .await?;
+    let b2 = push(&r1[0], "drill/b", "v1", &[pseudo_random_bytes(76, 350_000)]).await?;
+    // Later by wall clock in every respect (origin stamps are hybrid logical clocks).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let x = push(&r2[1], "drill/b", "v1", &[pseudo_random_bytes(77, 250_000)]).await?;
+    let seq = last_seq(&r1).await?;
+    let seq2 = last_seq(&r2).await?;
+    settle(&r1).await?;
+    settle(&r2).await?;
+    let st = replication(&leader(&r1).await?).await?;
+    ensure!(
+        st["paused"] == true
+            && destination(&st, R2, DEFAULT_ACCOUNT)
+                .is_some_and(|d| d["events_behind"].as_u64().unwrap_or(0) >= 4),
+        "paused: region-1's leader should hold its four changes back: {st}"
+    );
+    let report = drill_verify(
+        &dc,
+        None,
+        "with replication paused after pushes on both sides",
+        (5, 2),
+        &[
+            format!("{}: manifest missing", image_name(&c)),
+            format!("{}: manifest missing", image_name(&a2)),
+            format!("{}: manifest missing", image_name(&b2)),
+        ],
+        &[
+            format!("{DEFAULT_ACCOUNT}/drill/a:v1"),
+            format!("{DEFAULT_ACCOUNT}/drill/b:extra"),
+            format!("{DEFAULT_ACCOUNT}/drill/c:v1"),
+        ],
+    )
+    .await?;
+    for img in [&a1, &b] {
+        ensure!(
+            !report.contains(&format!("lost: {}", image_name(img))),
+            "drill verify lists {} (replicated) as lost:\n{report}",
+            image_name(img)
+        );
+    }
+
+    // (d) Replication resumed: the regions converge (b:v1 on region-2's later push) and
+    // nothing would be lost. Region-1 now also sends what it received from region-2 (x).
+    set_link(&all, json!({ "paused": false })).await?;
+    wait_shipped(&r1, R2, DEFAULT_ACCOUNT, seq, REPLICATION_BOUND).await?;
+    wait_shipped(&r2, R1, DEFAULT_ACCOUNT, seq2, REPLICATION_BOUND).await?;
+    settle(&r1).await?;
+    settle(&r2).await?;
+    for n in [&r1[0], &r2[0]] {
+        let (status, digest, _) = manifest_raw(&OciClient::new(&n.url), "drill/b", "v1").await?;
+        ensure!(
+            status == 200 && digest == x.digest,
+            "{} {}: drill/b:v1 is {digest} (HTTP {status}), want region-2's later push {}",
+            n.region,
+            n.url,
+            x.digest
+        );
+    }
+    drill_verify(&dc, None, "once replication resumed", (6, 6), &[], &[]).await?;
+    Ok(())
+}
+
+/// Alive: `/proc/<pid>` exists and is not a zombie.
+fn pid_alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+/// `cluster.json` as it is now (a region-loss drill rewrites it).
+fn cluster_json(dc: &DevCluster) -> Result<Vec<Value>> {
+    let path = dc.dir.join("cluster.json");
+    serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("read {}", path.display()))?,
+    )
+    .with_context(|| format!("parse {}", path.display()))
+}
+
+/// The pids of `region`'s nodes in `cluster.json` entries.
+fn pids(entries: &[Value], region: &str) -> Vec<u64> {
+    entries
+        .iter()
+        .filter(|e| e["region"] == region)
+        .filter_map(|e| e["pid"].as_u64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn region_loss_drill_serves_from_region_2_and_region_1_catches_up() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut dc =
+        DevCluster::start(&tmp.path().join("dc"), &["--regions", "2", "--nodes", "3"]).await?;
+    let (r1, r2) = (dc.region(R1), dc.region(R2));
+
+    // Three images in two repositories, replicated.
+    let images = vec![
+        push(
+            &r1[0],
+            "loss/app",
+            "v1",
+            &[pseudo_random_bytes(81, 500_000)],
+        )
+        .await?,
+        push(
+            &r1[1],
+            "loss/app",
+            "v2",
+            &[
+                pseudo_random_bytes(82, 200_000),
+                pseudo_random_bytes(83, 700_000),
+            ],
+        )
+        .await?,
+        push(&r1[2], "loss/db", "v1", &[pseudo_random_bytes(84, 600_000)]).await?,
+    ];
+    let seq = last_seq(&r1).await?;
+    wait_shipped(&r1, R2, DEFAULT_ACCOUNT, seq, REPLICATION_BOUND).await?;
+    settle(&r1).await?;
+    settle(&r2).await?;
+    let before = cluster_json(&dc)?;
+    let (old_r1, old_r2) = (pids(&before, R1), pids(&before, R2));
+    ensure!(
+        old_r1.len() == 3 && old_r2.len() == 3,
+        "cluster.json: {before:?}"
+    );
+
+    // The drill: region-1 killed, pulls from region-2, a probe pushed there, region-1
+    // restarted and caught up.
+    let started = Instant::now();
+    let out = drill(
+        &dc,
+        &["region-loss", "--region", R1, "--catch-up-timeout-s", "120"],
+        REGION_LOSS_TIMEOUT,
+    )?;
+    let took = started.elapsed();
+    let report = out.stdout_text();
+    let restart_logs = || {
+        r1.iter()
+            .map(|n| {
+                let p = Path::new(n.entry["data_dir"].as_str().unwrap_or("."))
+                    .join("drill-restart.log");
+                let log = std::fs::read_to_string(&p).unwrap_or_default();
+                format!(
+                    "{}:\n{}",
+                    p.display(),
+                    portolan_tests::text_tail(&log, 1500)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (code, result) = verdict("drill region-loss", &out)?;
+    ensure!(
+        code == 0 && result == "RESULT: OK",
+        "drill region-loss after {took:?}: exit {code}, {result:?}; want exit 0, RESULT: OK:\n\
+         {report}\nstderr: {}\nrestarted nodes' logs:\n{}",
+        out.stderr_text(),
+        restart_logs()
+    );
+    let n = images.len();
+    ensure!(
+        field(&report, "verified in region-2:") == Some(n.to_string())
+            && field(&report, "pulls from region-2 with region-1 down:")
+                == Some(format!("{n}/{n}")),
+        "drill region-loss: want {n} images verified and \"{n}/{n} images served\":\n{report}"
+    );
+    let caught_s: f64 = field(&report, "region-1 caught up")
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no \"region-1 caught up X s\" line:\n{report}"))?;
+    ensure!(
+        (0.0..120.0).contains(&caught_s),
+        "region-1 caught up {caught_s} s after its restart, past the 120 s bound:\n{report}"
+    );
+    let probe_ref = field(&report, "pushed probe")
+        .with_context(|| format!("no \"pushed probe\" line:\n{report}"))?;
+    let (probe_repo, probe_tag) = probe_ref
+        .split_once(':')
+        .with_context(|| format!("probe {probe_ref:?} is not REPO:TAG"))?;
+    let probe_digest = report
+        .lines()
+        .find(|l| l.trim().starts_with("pushed probe"))
+        .and_then(|l| l.split_once(" (")?.1.split_once(')'))
+        .map(|(d, _)| d.to_string())
+        .with_context(|| format!("no probe digest on the \"pushed probe\" line:\n{report}"))?;
+    ensure!(
+        probe_repo == "portolan-drill/probe"
+            && probe_tag.starts_with('t')
+            && probe_digest.starts_with("sha256:"),
+        "probe {probe_ref:?} ({probe_digest}), want portolan-drill/probe:t<ms> (sha256:...)"
+    );
+
+    // Region-1 runs under new pids (in cluster.json, at the same addresses); the old ones are
+    // gone and region-2's untouched.
+    let after = cluster_json(&dc)?;
+    let (new_r1, new_r2) = (pids(&after, R1), pids(&after, R2));
+    ensure!(
+        new_r2 == old_r2 && new_r1.len() == 3 && new_r1.iter().all(|p| !old_r1.contains(p)),
+        "cluster.json pids: region-1 {old_r1:?} -> {new_r1:?}, region-2 {old_r2:?} -> \
+         {new_r2:?}; want 3 new pids in region-1 and region-2's unchanged"
+    );
+    for (b, a) in before.iter().zip(&after) {
+        ensure!(
+            b["http"] == a["http"] && b["node_id"] == a["node_id"] && b["region"] == a["region"],
+            "cluster.json entry {b} became {a}"
+        );
+    }
+    for p in &old_r1 {
+        ensure!(!pid_alive(*p), "killed region-1 node pid {p} still runs");
+    }
+    for p in new_r1.iter().chain(&new_r2) {
+        ensure!(pid_alive(*p), "node pid {p} of cluster.json does not run");
+    }
+
+    // Region-1 serves what it had, and the probe pushed to region-2 while it was down.
+    settle(&r1).await?;
+    for node in &r1 {
+        let c = OciClient::new(&node.url);
+        for img in &images {
+            serves(&c, img, &format!("restarted region-1 {}", node.url)).await?;
+        }
+        let (status, digest, body) = manifest_raw(&c, probe_repo, probe_tag).await?;
+        ensure!(
+            status == 200 && digest == probe_digest,
+            "restarted region-1 {}: probe {probe_ref}: HTTP {status}, {digest}, want \
+             {probe_digest}: {}",
+            node.url,
+            String::from_utf8_lossy(&body)
+        );
+    }
+    // It replicates again: a push after the restart reaches region-2.
+    let later = push(
+        &r1[1],
+        "loss/app",
+        "v3",
+        &[pseudo_random_bytes(85, 300_000)],
+    )
+    .await?;
+    let seq = last_seq(&r1).await?;
+    wait_shipped(&r1, R2, DEFAULT_ACCOUNT, seq, REPLICATION_BOUND).await?;
+    settle(&r2).await?;
+    serves(
+        &OciClient::new(&r2[2].url),
+        &later,
+        "region-2 after region-1's restart",
+    )
+    .await?;
+
+    // Stopping the dev cluster stops the nodes the drill restarted too.
+    ensure!(
+        dc.guard.terminate(EXIT_BOUND),
+        "dev-cluster did not stop on SIGTERM"
+    );
+    let all: Vec<u64> = old_r1
+        .iter()
+        .chain(&new_r1)
+        .chain(&new_r2)
+        .copied()
+        .collect();
+    let deadline = Instant::now() + EXIT_BOUND;
+    while all.iter().any(|p| pid_alive(*p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left: Vec<u64> = all.iter().copied().filter(|p| pid_alive(*p)).collect();
+    if !left.is_empty() {
+        // Not left behind by this test either way.
+        for p in &left {
+            let _ = Command::new("kill")
+                .args(["-KILL", &p.to_string()])
+                .status();
+        }
+        bail!(
+            "node pids {left:?} still ran {EXIT_BOUND:?} after the dev cluster stopped (killed \
+             now); cluster.json: {after:?}"
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Nearest-region routing over an emulated WAN
+// ---------------------------------------------------------------------------------------------
+
+/// The client network `--client-network` maps to region-2 in this test.
+const REGION_2_CLIENT: &str = "127.0.0.2";
+/// The emulated WAN delay, each way.
+const WAN_DELAY_MS: u64 = 100;
+
+/// An HTTP client whose connections leave from `ip` and that follows no redirect.
+fn client_from(ip: &str) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .local_address(ip.parse::<std::net::IpAddr>()?)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(HTTP_TIMEOUT)
+        .build()?)
+}
+
+/// A counter of a node's `/metrics`.
+async fn metric(node: &DevNode, name: &str) -> Result<u64> {
+    let url = format!("{}/metrics", node.url);
+    let text = http().get(&url).send().await?.text().await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("no {name} in {url}:\n{text}"))
+}
+
+const REDIRECTS: &str = "portolan_http_blob_redirects_total";
+/// A host naming account 111122223333 (its leading 12-digit label), as a tenant's clients
+/// reach the registry.
+const TENANT_HOST: &str = "111122223333.registry.test";
+
+/// A response body, for a message: its digest when it is content, its text otherwise.
+fn outcome(status: u16, body: &[u8]) -> String {
+    if status == 200 {
+        format!("{} bytes, {}", body.len(), sha256_digest(body))
+    } else {
+        portolan_tests::text_tail(&String::from_utf8_lossy(body), 300).to_string()
+    }
+}
+
+/// GET `url` (with `host` as the Host header, if any) as a client does: a 307 is followed to
+/// its Location (whose authority is then the Host). Returns (final status, Location if
+/// redirected, body).
+async fn pull(
+    c: &reqwest::Client,
+    url: &str,
+    host: Option<&str>,
+) -> Result<(u16, Option<String>, bytes::Bytes)> {
+    let mut req = c.get(url);
+    if let Some(h) = host {
+        req = req.header("Host", h);
+    }
+    let resp = req.send().await.with_context(|| format!("GET {url}"))?;
+    if resp.status().as_u16() != 307 {
+        return Ok((resp.status().as_u16(), None, resp.bytes().await?));
+    }
+    let loc = portolan_tests::location(&resp)?;
+    let resp = c
+        .get(&loc)
+        .send()
+        .await
+        .with_context(|| format!("GET {url} answered 307 to {loc}, which does not answer"))?;
+    Ok((resp.status().as_u16(), Some(loc), resp.bytes().await?))
+}
+
+/// A TCP proxy listening on 127.0.0.1 whose connections to `upstream` leave from `from`: a
+/// client that cannot pick its source address (skopeo) is seen upstream as `from`. Stops when
+/// the returned task is aborted (and the connections it started when the test ends).
+async fn proxy_from(from: &str, upstream: &str) -> Result<(String, tokio::task::JoinHandle<()>)> {
+    let from: std::net::IpAddr = from.parse()?;
+    let upstream: std::net::SocketAddr = upstream.parse()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let task = tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let sock = tokio::net::TcpSocket::new_v4()?;
+                sock.bind(std::net::SocketAddr::new(from, 0))?;
+                let mut up = sock.connect(upstream).await?;
+                tokio::io::copy_bidirectional(&mut down, &mut up).await?;
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blob_pulls_from_region_2_networks_are_redirected_there_over_an_emulated_wan() -> Result<()>
+{
+    let tmp = tempfile::tempdir()?;
+    let delay = WAN_DELAY_MS.to_string();
+    let network = format!("{REGION_2_CLIENT}/32={R2}");
+    let dc = DevCluster::start(
+        &tmp.path().join("dc"),
+        &[
+            "--regions",
+            "2",
+            "--nodes",
+            "3",
+            "--wan-delay-ms",
+            &delay,
+            "--client-network",
+            &network,
+        ],
+    )
+    .await?;
+    let (r1, r2) = (dc.region(R1), dc.region(R2));
+    let r2_hosts: BTreeSet<String> = r2.iter().map(|n| n.host.clone()).collect();
+
+    // (a) The WAN: every node delays its cross-region messages and measures a round trip of
+    // at least both delays (pinged every 2 s).
+    let deadline = Instant::now() + SETTLE;
+    for n in &dc.nodes {
+        loop {
+            let st = replication(n).await?;
+            ensure!(
+                st["wan_delay_ms"] == WAN_DELAY_MS,
+                "{} ({}): wan_delay_ms in {st}, want {WAN_DELAY_MS}",
+                n.url,
+                n.region
+            );
+            if let Some(rtt) = st["regions"][0]["rtt_ms"].as_f64() {
+                ensure!(
+                    rtt >= 2.0 * WAN_DELAY_MS as f64,
+                    "{} ({}): rtt_ms {rtt} under a {WAN_DELAY_MS} ms delay each way: {st}",
+                    n.url,
+                    n.region
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} ({}) measured no round trip within {SETTLE:?}: {st}",
+                    n.url,
+                    n.region
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // (b) An image still replicates, each event taking at least a round trip.
+    let app = push(
+        &r1[0],
+        "route/app",
+        "v1",
+        &[
+            pseudo_random_bytes(91, 300_000),
+            pseudo_random_bytes(92, 1_200_000),
+        ],
+    )
+    .await?;
+    let seq = last_seq(&r1).await?;
+    let (_, d) = wait_shipped(&r1, R2, DEFAULT_ACCOUNT, seq, REPLICATION_BOUND).await?;
+    ensure!(
+        d["lag_samples"].as_u64().unwrap_or(0) >= 1
+            && d["lag_ms_p50"].as_u64().unwrap_or(0) >= 2 * WAN_DELAY_MS,
+        "lag over a {WAN_DELAY_MS} ms delay each way: want lag_ms_p50 >= {} from at least one \
+         sample: {d}",
+        2 * WAN_DELAY_MS
+    );
+    settle(&r2).await?;
+    for n in &r2 {
+        serves(
+            &OciClient::new(&n.url),
+            &app,
+            &format!("region-2 {}", n.url),
+        )
+        .await?;
+    }
+
+    // (c) From region-2's network an anonymous blob GET to region-1 goes to region-2.
+    let node = &r1[1];
+    let (layer, bytes) = &app.blobs[2];
+    let path = format!("/v2/{}/blobs/{layer}", app.repo);
+    let from_r2 = client_from(REGION_2_CLIENT)?;
+    ensure!(
+        metric(node, REDIRECTS).await? == 0,
+        "{REDIRECTS} before any redirect"
+    );
+    let resp = from_r2.get(format!("{}{path}", node.url)).send().await?;
+    let status = resp.status().as_u16();
+    let header = |r: &reqwest::Response, h: &str| {
+        r.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let loc = header(&resp, "location");
+    let digest_header = header(&resp, "docker-content-digest");
+    ensure!(
+        status == 307,
+        "GET {path} on region-1 {} from {REGION_2_CLIENT}: HTTP {status} (Location {loc:?}), \
+         want 307 to region-2",
+        node.url
+    );
+    let loc = loc.context("a 307 without Location")?;
+    let host = loc
+        .strip_prefix("http://")
+        .and_then(|rest| rest.strip_suffix(path.as_str()))
+        .with_context(|| format!("Location {loc:?} is not http://<host>{path}"))?;
+    ensure!(
+        r2_hosts.contains(host) && digest_header.as_deref() == Some(layer.as_str()),
+        "Location {loc:?} (Docker-Content-Digest {digest_header:?}): want one of region-2's \
+         nodes {r2_hosts:?} and {layer}"
+    );
+    let resp = from_r2.get(&loc).send().await?;
+    let status = resp.status().as_u16();
+    let got = resp.bytes().await?;
+    ensure!(
+        status == 200 && got.len() == bytes.len() && sha256_digest(&got) == *layer,
+        "following the redirect to {loc}: HTTP {status}, {} bytes, sha256 {}; want {} bytes of \
+         {layer}",
+        got.len(),
+        sha256_digest(&got),
+        bytes.len()
+    );
+    // A HEAD is answered here.
+    let resp = from_r2.head(format!("{}{path}", node.url)).send().await?;
+    ensure!(
+        resp.status().as_u16() == 200
+            && header(&resp, "location").is_none()
+            && header(&resp, "content-length") == Some(bytes.len().to_string()),
+        "HEAD {path} on region-1 from {REGION_2_CLIENT}: {} {:?}",
+        resp.status(),
+        resp.headers()
+    );
+    // With credentials: served here (they do not cross a redirect).
+    let password = AwsCli::new(&r1[0].url)?.password(&dc.admin_key(R1)?)?;
+    let resp = from_r2
+        .get(format!("{}{path}", node.url))
+        .header("Authorization", basic_auth(&password))
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    let got = resp.bytes().await?;
+    ensure!(
+        status == 200 && sha256_digest(&got) == *layer,
+        "GET {path} with credentials on region-1 from {REGION_2_CLIENT}: HTTP {status}, sha256 \
+         {}; want the layer, served in region-1",
+        sha256_digest(&got)
+    );
+    // From elsewhere (127.0.0.1, in no client network): served here.
+    let got = OciClient::new(&node.url).get_blob(&app.repo, layer).await?;
+    ensure!(
+        sha256_digest(&got) == *layer,
+        "GET {path} on region-1 from 127.0.0.1 does not verify"
+    );
+    let redirects = metric(node, REDIRECTS).await?;
+    ensure!(
+        redirects == 1,
+        "{} counts {redirects} blob redirects, want 1 (one anonymous GET from {REGION_2_CLIENT}; \
+         the HEAD, the GET with credentials and the one from 127.0.0.1 were served)",
+        node.url
+    );
+
+    // (d) A real client from region-2's network (skopeo, through a proxy whose connections
+    // come from 127.0.0.2): manifests from region-1, every blob from region-2.
+    let via = &r1[2];
+    let before = metric(via, REDIRECTS).await?;
+    let (proxy, proxy_task) = proxy_from(REGION_2_CLIENT, &via.host).await?;
+    let pulled = tmp.path().join("pulled");
+    let skopeo_ran = skopeo_pull(&proxy, &app, &pulled);
+    proxy_task.abort();
+    if skopeo_ran? {
+        let after = metric(via, REDIRECTS).await?;
+        ensure!(
+            after >= before + app.blobs.len() as u64,
+            "skopeo through {REGION_2_CLIENT} pulled {}:{} from {} with {} blob redirects there, \
+             want at least {} (every blob)",
+            app.repo,
+            app.tag,
+            via.url,
+            after - before,
+            app.blobs.len()
+        );
+    }
+
+    // (e) A blob region-2 lacks (replication paused) is served in region-1.
+    set_link(&r1, json!({ "paused": true })).await?;
+    let v2 = push(
+        &r1[0],
+        "route/app",
+        "v2",
+        &[pseudo_random_bytes(93, 400_000)],
+    )
+    .await?;
+    settle(&r1).await?;
+    let (layer2, _) = &v2.blobs[1];
+    let resp = from_r2
+        .get(format!("{}/v2/{}/blobs/{layer2}", node.url, v2.repo))
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    let got = resp.bytes().await?;
+    ensure!(
+        status == 200 && sha256_digest(&got) == *layer2,
+        "GET of {layer2} (not in region-2) on region-1 from {REGION_2_CLIENT}: HTTP {status}, \
+         sha256 {}; want it served in region-1",
+        sha256_digest(&got)
+    );
+    ensure!(
+        metric(node, REDIRECTS).await? == redirects,
+        "{REDIRECTS} on {} moved for a blob region-2 does not hold",
+        node.url
+    );
+
+    // (f) and (g): wherever a redirect sends a client, the client gets the blob. Both are
+    // checked, then reported together.
+    //
+    // (f) A tenant's pull (its account named by the host, `111122223333.registry.test`), of
+    // an image both regions hold in that account.
+    let tenant: Result<()> = async {
+        let tenant_img = pseudo_random_bytes(94, 200_000);
+        for n in [&r1[0], &r2[0]] {
+            OciClient::with_headers(&n.url, &[("Host", TENANT_HOST)])
+                .push_image("route/tenant", "v1", std::slice::from_ref(&tenant_img))
+                .await
+                .with_context(|| format!("push route/tenant:v1 as {TENANT_HOST} to {}", n.url))?;
+        }
+        settle(&r1).await?;
+        settle(&r2).await?;
+        let tenant_layer = sha256_digest(&tenant_img);
+        let url = format!("{}/v2/route/tenant/blobs/{tenant_layer}", node.url);
+        let (status, loc, got) = pull(&from_r2, &url, Some(TENANT_HOST)).await?;
+        ensure!(
+            status == 200 && sha256_digest(&got) == tenant_layer,
+            "(f) a pull of {tenant_layer} in route/tenant from {REGION_2_CLIENT} as \
+             {TENANT_HOST} via region-1 {} (redirected to {loc:?}) ends in HTTP {status} \
+             ({}): the redirect does not keep the account the host names",
+            node.url,
+            outcome(status, &got)
+        );
+        Ok(())
+    }
+    .await;
+
+    // (g) The region-2 node the first redirect named is lost (SIGKILL).
+    let lost_node: Result<()> = async {
+        let dead = r2
+            .iter()
+            .find(|n| n.host == host)
+            .with_context(|| format!("{host} is not a region-2 node"))?;
+        let pid = dead.entry["pid"]
+            .as_u64()
+            .with_context(|| format!("no pid in {}", dead.entry))?;
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        let deadline = Instant::now() + EXIT_BOUND;
+        while pid_alive(pid) {
+            ensure!(
+                Instant::now() < deadline,
+                "region-2 node pid {pid} survived SIGKILL"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let url = format!("{}{path}", node.url);
+        let (status, loc, got) = pull(&from_r2, &url, None)
+            .await
+            .with_context(|| format!("(g) with region-2's {} killed", dead.host))?;
+        ensure!(
+            status == 200 && sha256_digest(&got) == *layer,
+            "(g) with region-2's {} killed, a pull of {path} from {REGION_2_CLIENT} via \
+             region-1 {} (redirected to {loc:?}) ends in HTTP {status} ({})",
+            dead.host,
+            node.url,
+            outcome(status, &got)
+        );
+        Ok(())
+    }
+    .await;
+    let failures: Vec<String> = [tenant, lost_node]
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+        .collect();
+    ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
     Ok(())
 }
