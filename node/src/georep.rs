@@ -192,17 +192,14 @@ impl<T: Transport> GeoLink<T> {
         r.into_iter().map(|(_, n)| n.to_string()).collect()
     }
 
-    /// HTTP endpoints of a region's nodes.
-    pub fn http_endpoints(&self, region: &str) -> Vec<String> {
-        self.remote(region)
-            .map(|r| {
-                r.nodes
-                    .iter()
-                    .filter(|(_, n)| !n.http.is_empty())
-                    .map(|(_, n)| n.http.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// The HTTP endpoint of the region's node that answered last, if it has one.
+    pub fn answering_http(&self, region: &str) -> Option<String> {
+        let r = self.remote(region).ok()?;
+        let i = self.pick(region).ok()?;
+        r.nodes
+            .get(i)
+            .map(|(_, n)| n.http.clone())
+            .filter(|h| !h.is_empty())
     }
 
     pub fn rtt_ms(&self, region: &str) -> Option<f64> {
@@ -1460,8 +1457,12 @@ impl<P: Platform> Georep<P> {
         digest: &Digest,
         client: std::net::IpAddr,
     ) -> Option<String> {
+        // Another account is named by the request's host, which the other region's endpoint
+        // cannot carry: its pulls are served here.
+        if account != AccountId::DEFAULT {
+            return None;
+        }
         let region = self.region_of_client(client)?.to_string();
-        let endpoint = self.link.http_endpoints(&region).into_iter().next()?;
         let target = GeoTarget {
             source_account: account,
             account,
@@ -1474,6 +1475,8 @@ impl<P: Platform> Georep<P> {
                 digest: digest.clone(),
             })
             .await;
+        // The node that answered, so the client is sent to one that is up.
+        let endpoint = self.link.answering_http(&region)?;
         match held {
             Ok(GeoResponse::Done) => Some(format!("http://{endpoint}/v2/{repo}/blobs/{digest}")),
             _ => None,
@@ -1587,7 +1590,8 @@ pub struct VerifyReport {
     pub ok: u64,
     /// Images missing, or missing a blob, or holding a blob whose bytes do not verify.
     pub lost: Vec<String>,
-    /// Tags that point elsewhere with an older stamp (a newer one there is not a loss).
+    /// Tags missing there, or pointing elsewhere with an older stamp (a newer one there is
+    /// not a loss).
     pub stale_tags: Vec<String>,
     /// Bytes of the images listed in `lost`.
     pub lost_bytes: u64,
