@@ -40,7 +40,11 @@
 //! The AWS CLI is required (`scripts/deps.sh test` installs it). A missing skopeo fails the
 //! first and the routing test when `CI` is set and is a loud skip of their skopeo pulls
 //! otherwise (the first test's pull is then checked over raw HTTP only; the routing test's
-//! real-client check is skipped). Docker is not used.
+//! real-client check is skipped).
+//! - `docker_pull_follows_the_redirect_to_the_clients_region`: with loopback mapped to
+//!   region-2, `docker pull` from a region-1 node gets every blob from region-2 (307) and the
+//!   image built. Needs the Docker Engine (`scripts/docker-engine.sh`): a missing engine fails
+//!   when `CI` is set and is a loud skip otherwise.
 //!
 //! Counters to know: a destination's `cursor`, `events_behind` and `failure` are region state
 //! (the same on every node); its byte, blob and event counters and lag samples live in the
@@ -1907,5 +1911,115 @@ async fn blob_pulls_from_region_2_networks_are_redirected_there_over_an_emulated
         .filter_map(|r| r.err().map(|e| format!("{e:#}")))
         .collect();
     ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
+    Ok(())
+}
+
+/// Docker follows a nearest-region redirect: with loopback mapped to region-2 on every node, a
+/// `docker pull` from a region-1 node is sent to region-2 for every blob (307) and gets the
+/// image that was built. Needs the Docker Engine (`scripts/docker-engine.sh` starts it); a
+/// missing engine fails when `CI` is set and is a loud skip otherwise.
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_pull_follows_the_redirect_to_the_clients_region() -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/docker-engine.sh");
+    match run_command(
+        Command::new("bash").arg(&script),
+        None,
+        Duration::from_secs(1200),
+    ) {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => return tool_unavailable("docker engine", &out.describe()),
+        Err(e) => return tool_unavailable("docker engine", &format!("{e:#}")),
+    }
+    let tmp = tempfile::tempdir()?;
+    let dc = DevCluster::start(
+        &tmp.path().join("dc"),
+        &[
+            "--regions",
+            "2",
+            "--nodes",
+            "3",
+            "--client-network",
+            "127.0.0.1/32=region-2",
+        ],
+    )
+    .await?;
+    let (r1, r2) = (dc.region("region-1"), dc.region("region-2"));
+    let node = &r1[0];
+    let image = format!("{}/geo/docker-redirect:1", node.host);
+    struct Rmi(String);
+    impl Drop for Rmi {
+        fn drop(&mut self) {
+            let _ = run_command(
+                Command::new("docker").args(["rmi", "-f", &self.0]),
+                None,
+                Duration::from_secs(60),
+            );
+        }
+    }
+    let _rmi = Rmi(image.clone());
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx)?;
+    std::fs::write(
+        ctx.join("payload.bin"),
+        pseudo_random_bytes(77, 3 * 1024 * 1024),
+    )?;
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY payload.bin /payload.bin\n",
+    )?;
+    let docker = |args: &[&str], what: &str| -> Result<CmdOutput> {
+        let out = run_command(
+            Command::new("docker")
+                .env("DOCKER_BUILDKIT", "0")
+                .args(args),
+            None,
+            Duration::from_secs(600),
+        )?;
+        ensure!(out.status.success(), "{what}: {}", out.describe());
+        Ok(out)
+    };
+    docker(
+        &["build", "-t", &image, &ctx.display().to_string()],
+        "docker build",
+    )?;
+    let id_built = docker(
+        &["image", "inspect", "--format", "{{.Id}}", &image],
+        "inspect",
+    )?
+    .stdout_text()
+    .trim()
+    .to_string();
+    // Pushes are not redirected (only blob GETs are).
+    docker(&["push", &image], "docker push")?;
+    let seq = last_seq(&r1).await?;
+    wait_shipped(
+        &r1,
+        "region-2",
+        "000000000000",
+        seq,
+        Duration::from_secs(60),
+    )
+    .await?;
+    settle(&r2).await?;
+    let before = metric(node, REDIRECTS).await?;
+    docker(&["rmi", "-f", &image], "docker rmi")?;
+    docker(&["pull", &image], "docker pull")?;
+    let id_pulled = docker(
+        &["image", "inspect", "--format", "{{.Id}}", &image],
+        "inspect",
+    )?
+    .stdout_text()
+    .trim()
+    .to_string();
+    ensure!(
+        id_pulled == id_built,
+        "docker pulled image {id_pulled}, built {id_built}"
+    );
+    let redirected = metric(node, REDIRECTS).await? - before;
+    ensure!(
+        redirected >= 2,
+        "docker's pull of {image} was redirected {redirected} times; want its config and layer \
+         (>= 2) sent to region-2"
+    );
     Ok(())
 }
