@@ -325,6 +325,7 @@ impl Node {
                 axum::routing::post(add_member),
             )
             .route("/_portolan/v1/replication", get(replication_status))
+            .route("/_portolan/v1/tags/history", get(tag_history))
             .route(
                 "/_portolan/v1/replication/link",
                 axum::routing::post(replication_link),
@@ -733,17 +734,74 @@ fn no_georep() -> axum::response::Response {
 /// Largest inventory a verify request may carry.
 const VERIFY_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 
+/// The value of `name` in a query string (no decoding: the values taken are names).
+fn query_param(query: Option<&str>, name: &str) -> String {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `GET /_portolan/v1/tags/history?repo=R&tag=T[&account=A]`: where the tag points now, with
+/// its origin stamp, and the changes it replaced or that lost to it (oldest first).
+async fn tag_history(
+    State(st): State<Arc<StatusState>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> axum::response::Response {
+    let q = query.as_deref();
+    let account = match query_param(q, "account").as_str() {
+        "" => Ok(engine::AccountId::DEFAULT),
+        a => engine::AccountId::parse(a),
+    };
+    let (Ok(account), Ok(repo), Ok(tag)) = (
+        account,
+        engine::RepoName::parse(&query_param(q, "repo")),
+        engine::Tag::parse(&query_param(q, "tag")),
+    ) else {
+        return admin_error(
+            axum::http::StatusCode::BAD_REQUEST,
+            "?repo=<repository>&tag=<tag>[&account=<12 digits>] are required and valid".into(),
+        );
+    };
+    let kv = st.registry.kv().clone();
+    let current = engine::origin::current(kv.as_ref(), account, &repo, &tag);
+    let history = engine::origin::history(kv.as_ref(), account, &repo, &tag);
+    match (current, history) {
+        (Ok(current), Ok(history)) => {
+            let entry = |digest: Option<&engine::Digest>, stamp: &engine::origin::Stamp| {
+                serde_json::json!({
+                    "digest": digest.map(|d| d.to_string()),
+                    "region": stamp.region,
+                    "hlc": stamp.hlc,
+                    "at_ms": stamp.ms(),
+                })
+            };
+            let body = serde_json::json!({
+                "account": account.to_string(),
+                "repository": repo.as_str(),
+                "tag": tag.as_str(),
+                "current": current.as_ref().map(|c| entry(c.digest.as_ref(), &c.stamp)),
+                "history": history.iter().map(|h| entry(h.digest.as_ref(), &h.stamp)).collect::<Vec<_>>(),
+            });
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response()
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            admin_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
+}
+
 async fn replication_inventory(
     State(st): State<Arc<StatusState>>,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> axum::response::Response {
-    let region = query
-        .as_deref()
-        .unwrap_or_default()
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("region="))
-        .unwrap_or_default()
-        .to_string();
+    let region = query_param(query.as_deref(), "region");
     if region.is_empty() || region.len() > 64 {
         return admin_error(
             axum::http::StatusCode::BAD_REQUEST,

@@ -835,6 +835,21 @@ async fn partitioned_regions_converge_and_read_through_serves_paused_replication
             "{at}: geo/shared@{} (region-1's overwritten push) answers {status}",
             shared_1.digest
         );
+        // The tag's history on every node: region-2's push is current, region-1's lost to it.
+        let h = get_json(&format!(
+            "{}/_portolan/v1/tags/history?repo=geo/shared&tag=latest",
+            n.url
+        ))
+        .await?;
+        ensure!(
+            h["current"]["digest"] == shared_2.digest.as_str()
+                && h["current"]["region"] == R2
+                && h["history"].as_array().is_some_and(|e| e
+                    .iter()
+                    .any(|e| e["digest"] == shared_1.digest.as_str() && e["region"] == R1)),
+            "{at}: the history of geo/shared:latest should show region-2's push current and \
+             region-1's in its history: {h}"
+        );
     }
     // Converged without reading through: the replicated copies are what was served.
     for n in &r1 {
