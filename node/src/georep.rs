@@ -24,6 +24,7 @@ use engine::blob_store::BlobBackend;
 use engine::chunker::ChunkRef;
 use engine::iam::Iam;
 use engine::manifest;
+use engine::origin::Stamp;
 use engine::outbox::{self, Change, Destination, OutboxEvent};
 use engine::policy::{PolicyDocument, Principal, RequestContext, Verdict};
 use engine::state::{Command, Outcome, State};
@@ -1220,7 +1221,18 @@ impl<P: Platform> Georep<P> {
                 let stamp = match (&tag, stamp) {
                     (Some(_), Some(s)) => {
                         stamped_here(&s)?;
-                        s
+                        if self.registry.bugs.replica_tags_always_win {
+                            // Later than anything: the incoming move always wins.
+                            Stamp {
+                                hlc: s.hlc.max(
+                                    engine::origin::hlc(self.registry.kv().as_ref()).unwrap_or(0)
+                                        + (1 << 20),
+                                ),
+                                region: s.region,
+                            }
+                        } else {
+                            s
+                        }
                     }
                     (Some(_), None) => return Err(GeoError::failed("a tag move without a stamp")),
                     // A manifest without a tag carries no stamp; the state ignores it.

@@ -64,6 +64,8 @@ pub struct Bugs {
     pub stale_leader_reads: bool,
     /// A push replicated from another region is stored without its tag move.
     pub lost_replica_tag_moves: bool,
+    /// A tag move replicated from another region wins whatever its stamp.
+    pub replica_tags_always_win: bool,
 }
 
 /// Bounds the blob bytes a node has in flight to its peers (`replication_inflight_bytes_max`)

@@ -227,6 +227,7 @@ impl Cluster {
         );
         registry.bugs.stale_leader_reads = self.bug == Some(Bug::StaleLeaderReads);
         registry.bugs.lost_replica_tag_moves = self.bug == Some(Bug::LostReplicaTagMoves);
+        registry.bugs.replica_tags_always_win = self.bug == Some(Bug::ReplicaTagsAlwaysWin);
         let registry = Arc::new(registry);
         let peer = Arc::new(NodePeer::<SimPlatform>::new(Duration::from_millis(
             self.config.raft.learner_catch_up_ms,

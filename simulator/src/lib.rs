@@ -59,6 +59,8 @@ pub enum Bug {
     StaleLeaderReads,
     /// A region applying another region's push stores the manifest but drops its tag move.
     LostReplicaTagMoves,
+    /// A tag move from another region always wins, whatever its stamp (no last-writer-wins).
+    ReplicaTagsAlwaysWin,
 }
 
 /// One run's parameters.
@@ -471,13 +473,15 @@ async fn cross_region_checks(sim: &Arc<Sim>, deadline: tokio::time::Instant) {
             .collect()
     };
     for (origin, repo) in &repos {
-        let source = tags_on(c, c.regions[*origin][0], repo);
         for (o, ids) in c.regions.iter().enumerate().filter(|(o, _)| o != origin) {
             for id in ids {
-                let got = loop {
+                // Read both sides each time: a shared repository's origin region may itself
+                // still be receiving the other regions' pushes.
+                let (source, got) = loop {
+                    let source = tags_on(c, c.regions[*origin][0], repo);
                     let got = tags_on(c, *id, repo);
                     if got == source || tokio::time::Instant::now() >= deadline {
-                        break got;
+                        break (source, got);
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 };

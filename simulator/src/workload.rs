@@ -31,6 +31,15 @@ pub fn repo_name(region: usize, i: usize) -> String {
     format!("r{region}/app{i}")
 }
 
+/// Repositories every region pushes to: the same tags move concurrently in several regions
+/// and must converge last-writer-wins. Their tags stay out of the register check (another
+/// region's push legitimately changes what a tag reads here).
+pub const SHARED_PREFIX: &str = "shared/";
+/// Shared repositories.
+const SHARED_REPOS: usize = 2;
+/// Share of pushes that go to a shared repository (with several regions).
+const SHARED_PUSH_P: f64 = 0.15;
+
 /// What one request ended as, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
@@ -144,7 +153,14 @@ impl Client {
     }
 
     async fn one(&self, kind: Kind) -> bool {
-        let repo = rt::with_rng(|r| repo_name(self.region, r.gen_range(0..REPOS)));
+        let shared = kind == Kind::Push
+            && self.cluster().regions.len() > 1
+            && rt::with_rng(|r| r.gen_bool(SHARED_PUSH_P));
+        let repo = if shared {
+            rt::with_rng(|r| format!("{SHARED_PREFIX}app{}", r.gen_range(0..SHARED_REPOS)))
+        } else {
+            rt::with_rng(|r| repo_name(self.region, r.gen_range(0..REPOS)))
+        };
         let tag = rt::with_rng(|r| format!("t{}", r.gen_range(0..TAGS)));
         match kind {
             Kind::Push => self.push(&repo, &tag, false).await,
@@ -242,9 +258,12 @@ impl Client {
         let digest = Digest::sha256_of(&manifest);
         let key = (self.region, repo.to_string(), tag.to_string());
         let invoked = self.sim.now_us();
-        let at = self
-            .model()
-            .begin_write(key, Some(digest.clone()), invoked, self.id);
+        // A shared repository's tags have writers in every region: not a register.
+        let tracked = !repo.starts_with(SHARED_PREFIX);
+        let at = tracked.then(|| {
+            self.model()
+                .begin_write(key, Some(digest.clone()), invoked, self.id)
+        });
         let (r, t, m) = (parse_repo(repo), parse_tag(tag), manifest.clone());
         let res = self
             .cluster()
@@ -265,7 +284,9 @@ impl Client {
             Ok(Ok(_)) => {
                 {
                     let mut m = self.model();
-                    m.settle(at, Some((Event::Write(Some(digest.clone())), answered)));
+                    if let Some(at) = at {
+                        m.settle(at, Some((Event::Write(Some(digest.clone())), answered)));
+                    }
                     m.manifests
                         .entry((self.region, repo.to_string()))
                         .or_default()
@@ -276,12 +297,16 @@ impl Client {
                 true
             }
             Ok(Err(e)) if !ambiguous(&e) => {
-                self.model().settle(at, None);
+                if let Some(at) = at {
+                    self.model().settle(at, None);
+                }
                 self.trace(format!("{kind:?} {repo}:{tag} refused by node {n}: {e}"));
                 false
             }
             Err(e @ RequestError::Down(_)) => {
-                self.model().settle(at, None);
+                if let Some(at) = at {
+                    self.model().settle(at, None);
+                }
                 self.trace(format!("{kind:?} {repo}:{tag} refused: {e}"));
                 false
             }

@@ -133,6 +133,28 @@ fn sweep_catches_lost_replicated_tag_moves() {
     );
 }
 
+/// Without last-writer-wins, two regions moving one tag end on each other's push, and a
+/// replicated delete loses to an older move; the cross-region check must catch it.
+#[test]
+fn sweep_catches_replicated_tag_moves_that_ignore_stamps() {
+    let mut caught = None;
+    for seed in 0..10 {
+        let mut c = config(seed, 2, 30);
+        c.bug = Some(Bug::ReplicaTagsAlwaysWin);
+        let s = run(c);
+        if !s.passed() {
+            caught = Some(s);
+            break;
+        }
+    }
+    let s = caught.expect("no seed of 0..10 caught replicated tag moves that ignore stamps");
+    assert!(
+        s.violations.iter().any(|v| v.contains("no convergence")),
+        "caught, but not as a convergence failure: {:?}",
+        s.violations
+    );
+}
+
 /// A deposed leader answering linearizable reads from its own state serves stale tags; the
 /// register check must catch it.
 #[test]
