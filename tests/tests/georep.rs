@@ -768,35 +768,14 @@ async fn partitioned_regions_converge_and_read_through_serves_paused_replication
     settle(&r1).await?;
     settle(&r2).await?;
     // Each region serves its own pushes; the other region's are out of reach.
-    for n in &r1 {
-        let c = OciClient::new(&n.url);
-        serves(
-            &c,
-            &east,
-            &format!("region-1 {} during the partition", n.url),
-        )
-        .await?;
-        serves(
-            &c,
-            &shared_1,
-            &format!("region-1 {} during the partition", n.url),
-        )
-        .await?;
-    }
-    for n in &r2 {
-        let c = OciClient::new(&n.url);
-        serves(
-            &c,
-            &west,
-            &format!("region-2 {} during the partition", n.url),
-        )
-        .await?;
-        serves(
-            &c,
-            &shared_2,
-            &format!("region-2 {} during the partition", n.url),
-        )
-        .await?;
+    for (nodes, own) in [(&r1, [&east, &shared_1]), (&r2, [&west, &shared_2])] {
+        for n in nodes.iter() {
+            let c = OciClient::new(&n.url);
+            let at = format!("{} {} during the partition", n.region, n.url);
+            for img in own {
+                serves(&c, img, &at).await?;
+            }
+        }
     }
     let (status, _, body) = manifest_raw(&OciClient::new(&r2[0].url), "geo/east", "v1").await?;
     ensure!(
