@@ -317,6 +317,8 @@ pub struct DestStats {
     pub last_error: Mutex<Option<String>>,
 }
 
+/// Outbox events a status report reads past a destination's cursor.
+const REPORT_SCAN_MAX: usize = 1024;
 /// Lag samples kept per destination (the most recent).
 const LAG_SAMPLES_MAX: usize = 10_000;
 
@@ -1513,17 +1515,26 @@ impl<P: Platform> Georep<P> {
             .into_iter()
             .map(|d| {
                 let cursor = outbox::cursor(kv.as_ref(), &d).unwrap_or(0);
-                let pending = outbox::events_after(kv.as_ref(), cursor, 1024)
-                    .unwrap_or_default()
+                let scanned =
+                    outbox::events_after(kv.as_ref(), cursor, REPORT_SCAN_MAX).unwrap_or_default();
+                // Past the scan, every later event counts (an upper bound: some may be for
+                // other destinations).
+                let beyond = if scanned.len() == REPORT_SCAN_MAX {
+                    last.saturating_sub(scanned.last().map_or(cursor, |e| e.seq))
+                } else {
+                    0
+                };
+                let pending = scanned
                     .into_iter()
                     .filter(|e| e.destinations.contains(&d))
                     .collect::<Vec<_>>();
-                let oldest = pending.iter().map(|e| e.at_ms).filter(|t| *t > 0).min();
+                // Events are in push order: the first pending one is the oldest.
+                let oldest = pending.iter().map(|e| e.at_ms).find(|t| *t > 0);
                 let s = self.stats(&d);
                 let lag = s.lag_ms.lock().expect("stats lock").clone();
                 let last_error = s.last_error.lock().expect("stats lock").clone();
                 DestReport {
-                    events_behind: pending.len() as u64,
+                    events_behind: pending.len() as u64 + beyond,
                     seconds_behind: oldest.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0),
                     cursor,
                     last_seq: last,
