@@ -440,7 +440,9 @@ impl<P: Platform> Georep<P> {
                         self.set_failure(&dest, None).await;
                     }
                 }
-                Ok(false) => tokio::time::sleep(self.poll).await,
+                // Nothing to ship: wake on the next applied entry (a push lands in the outbox
+                // as it applies), or after the poll interval.
+                Ok(false) => self.registry.wait_for_next_apply(self.poll).await,
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     tracing::warn!(region = %dest.region, account = %dest.account, error = %e, failures, "replication failed; retrying");
