@@ -74,7 +74,7 @@ pub struct ReplicationSection {
     pub client_networks: Vec<ClientNetwork>,
     /// Delay added to each cross-region message, both ways (WAN emulation on one machine).
     pub wan_delay_ms: u64,
-    /// How often an idle replication worker looks for new events.
+    /// An idle replication worker wakes on each applied entry, and at the latest this often.
     pub poll_interval_ms: u64,
     /// Longest pause between retries of a failing destination.
     pub retry_max_ms: u64,
