@@ -557,20 +557,16 @@ impl<P: Platform> NodeRegistry<P> {
     /// Waits (at most `bound`) until this node applies an entry past the one it has applied
     /// now: workers waiting for new outbox events wake as soon as one commits.
     pub async fn wait_for_next_apply(&self, bound: std::time::Duration) {
-        let now = self
-            .raft
-            .metrics()
-            .borrow()
-            .last_applied
-            .map_or(0, |l| l.index);
-        let _ = self
-            .raft
-            .wait(Some(bound))
-            .metrics(
-                |m| m.last_applied.is_some_and(|l| l.index > now),
-                "an entry applied",
-            )
-            .await;
+        let mut rx = self.raft.metrics();
+        let now = rx.borrow().last_applied.map_or(0, |l| l.index);
+        let _ = tokio::time::timeout(bound, async {
+            while rx.changed().await.is_ok() {
+                if rx.borrow().last_applied.is_some_and(|l| l.index > now) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     /// Where a blob or manifest this region lacks is looked for (another region), if set.

@@ -366,6 +366,20 @@ impl Cluster {
     }
 
     /// Whether every node of `region` is up and has applied the same last log index.
+    /// Each node of `region`: (id, last log index, last applied index), for messages.
+    pub fn region_positions(&self, region: usize) -> Vec<(NodeId, Option<u64>, Option<u64>)> {
+        self.regions[region]
+            .iter()
+            .map(|id| match self.running(*id) {
+                Some(up) => {
+                    let m = up.raft.metrics().borrow().clone();
+                    (*id, m.last_log_index, m.last_applied.map(|l| l.index))
+                }
+                None => (*id, None, None),
+            })
+            .collect()
+    }
+
     pub fn region_caught_up(&self, region: usize) -> bool {
         let mut applied = None;
         for id in &self.regions[region] {

@@ -576,8 +576,9 @@ async fn liveness(sim: &Arc<Sim>, deadline: tokio::time::Instant) -> bool {
         while !c.region_caught_up(region) {
             if tokio::time::Instant::now() >= deadline {
                 sim.violation(format!(
-                    "no convergence: region {region}'s nodes did not apply the same log within {} s of healing",
-                    LIVENESS_BOUND.as_secs()
+                    "no convergence: region {region}'s nodes did not apply the same log within {} s of healing (node, last log, applied: {:?})",
+                    LIVENESS_BOUND.as_secs(),
+                    c.region_positions(region)
                 ));
                 return false;
             }

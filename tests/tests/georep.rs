@@ -1008,6 +1008,46 @@ async fn cross_account_replication_needs_the_destination_registry_policy() -> Re
             n.url
         );
     }
+
+    // The same rules through the portolan CLI: get shows them, put replaces them (a prefix
+    // filter added), status prints the destination as a table.
+    let got = portolan_ok(&r1[0].url, &admin1, &["replication", "get"])?;
+    ensure!(
+        got["rules"][0]["destinations"][0]["registryId"] == PARTNER_ACCOUNT,
+        "portolan replication get: {got}"
+    );
+    let rules = dc.dir.join("rules.json");
+    std::fs::write(
+        &rules,
+        json!({ "rules": [{
+            "destinations": [{ "region": R2, "registryId": PARTNER_ACCOUNT }],
+            "repositoryFilters": [{ "filter": "xacct/", "filterType": "PREFIX_MATCH" }],
+        }] })
+        .to_string(),
+    )?;
+    portolan_ok(
+        &r1[0].url,
+        &admin1,
+        &["replication", "put", "--file", &rules.display().to_string()],
+    )?;
+    let got = portolan_ok(&r1[2].url, &admin1, &["replication", "get"])?;
+    ensure!(
+        got["rules"][0]["repositoryFilters"][0]["filter"] == "xacct/",
+        "portolan replication get after put: {got}"
+    );
+    let out = run_command(
+        Command::new(portolan_bin()).args(["replication", "status", "--node", &r1[0].url]),
+        None,
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        out.status.success()
+            && out.stdout_text().lines().any(|l| {
+                l.starts_with(R2) && l.contains(PARTNER_ACCOUNT) && l.trim_end().ends_with('-')
+            }),
+        "portolan replication status should list {R2}/{PARTNER_ACCOUNT} without a failure: {}",
+        out.describe()
+    );
     Ok(())
 }
 
