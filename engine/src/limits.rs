@@ -31,6 +31,9 @@ pub struct Limits {
     /// Most blob bytes a node has in flight to its peers at once (replica writes and repair);
     /// further copies wait.
     pub replication_inflight_bytes_max: u64,
+    /// Most chunk bytes a region's worker has in flight to one other region (blobs shipped at
+    /// once × one message of chunks); further blobs wait.
+    pub geo_inflight_bytes_max: u64,
 }
 
 impl Default for Limits {
@@ -47,6 +50,7 @@ impl Default for Limits {
             http_requests_inflight_max: 1024,
             http_connections_max: 4096,
             replication_inflight_bytes_max: 1024 * 1024 * 1024,
+            geo_inflight_bytes_max: 64 * 1024 * 1024,
         }
     }
 }

@@ -280,6 +280,11 @@ impl Config {
             ("request_body_bytes_max", l.request_body_bytes_max, 1024),
             ("raft_proposals_max", l.raft_proposals_max, 1),
             (
+                "geo_inflight_bytes_max",
+                l.geo_inflight_bytes_max,
+                crate::transport::GEO_BATCH_BYTES_MAX,
+            ),
+            (
                 "http_requests_inflight_max",
                 l.http_requests_inflight_max,
                 1,

@@ -49,9 +49,6 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const FAILURES_BEFORE_STATUS: u32 = 3;
 /// How often the other regions' round-trip times are measured.
 const PING_INTERVAL: Duration = Duration::from_secs(2);
-/// Blobs shipped to one destination at once (their chunk batches bound the bytes in flight:
-/// `BLOBS_IN_FLIGHT * GEO_BATCH_BYTES_MAX / 2`).
-const BLOBS_IN_FLIGHT: usize = 4;
 /// Index manifests nest one level (an index of images); deeper nesting is not shipped.
 const MANIFEST_DEPTH_MAX: u32 = 2;
 
@@ -683,7 +680,7 @@ impl<P: Platform> Georep<P> {
             Ok::<(), GeoError>(())
         });
         let results: Vec<Ship<()>> = futures_util::stream::iter(sends)
-            .buffer_unordered(BLOBS_IN_FLIGHT)
+            .buffer_unordered(self.blobs_in_flight())
             .collect()
             .await;
         results.into_iter().collect::<Ship<()>>()?;
@@ -703,6 +700,14 @@ impl<P: Platform> Georep<P> {
             }
         }
         Ok(())
+    }
+
+    /// Blobs shipped to one destination at once: each has at most one message of chunks
+    /// (`GEO_BATCH_BYTES_MAX`) in flight, so `limits.geo_inflight_bytes_max` bounds the bytes.
+    fn blobs_in_flight(&self) -> usize {
+        usize::try_from(self.registry.limits().geo_inflight_bytes_max / GEO_BATCH_BYTES_MAX)
+            .unwrap_or(1)
+            .max(1)
     }
 
     /// Offers blobs for `target`; returns those the destination region lacks.
