@@ -458,7 +458,13 @@ impl<'a, S: KvStore + ?Sized> Iam<'a, S> {
         }
         let mut end = prefix.clone();
         *end.last_mut().expect("prefix ends with the separator") = 1;
-        for cf in [Cf::RepoBlobs, Cf::Manifests, Cf::Tags, Cf::Referrers] {
+        for cf in [
+            Cf::RepoBlobs,
+            Cf::Manifests,
+            Cf::Tags,
+            Cf::Referrers,
+            Cf::TagOrigins,
+        ] {
             batch.delete_range(cf, prefix.clone(), end.clone());
         }
         batch.delete(Cf::Repos, keys::repo_key(acct, repo));

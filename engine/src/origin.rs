@@ -22,7 +22,7 @@ use crate::digest::Digest;
 use crate::keys::{self, Cf};
 use crate::kv::{Batch, KvStore};
 use crate::name::{AccountId, RepoName, Tag};
-use crate::state::StateError;
+use crate::state::{dec, StateError};
 
 /// History entries kept per tag; the oldest go first.
 pub const TAG_HISTORY_MAX: usize = 64;
@@ -38,6 +38,11 @@ pub struct Stamp {
     /// Hybrid logical clock: milliseconds << 16 | logical counter.
     pub hlc: u64,
     pub region: String,
+}
+
+/// The first clock reading of millisecond `ms`.
+pub fn hlc_of_ms(ms: u64) -> u64 {
+    ms << LOGICAL_BITS
 }
 
 impl Stamp {
@@ -73,10 +78,6 @@ pub struct HistoryEntry {
     pub stamp: Stamp,
 }
 
-fn dec<T: for<'de> Deserialize<'de>>(what: &'static str, b: &[u8]) -> Result<T, StateError> {
-    keys::decode(b).map_err(|source| StateError::Decode { what, source })
-}
-
 fn origin_key(acct: AccountId, repo: &RepoName, tag: &Tag) -> Vec<u8> {
     keys::repo_item_key(acct, repo, tag.as_str())
 }
@@ -99,7 +100,7 @@ pub fn tick<S: KvStore + ?Sized>(
     now_ms: u64,
     batch: &mut Batch,
 ) -> Result<u64, StateError> {
-    let next = (now_ms << LOGICAL_BITS).max(hlc(kv)? + 1);
+    let next = hlc_of_ms(now_ms).max(hlc(kv)?.saturating_add(1));
     batch.put(Cf::SmMeta, HLC_KEY.to_vec(), keys::encode(&next));
     Ok(next)
 }

@@ -23,7 +23,7 @@ use crate::keys::{self, Cf};
 use crate::kv::{Batch, KvStore};
 use crate::name::{AccountId, RepoName, Tag};
 use crate::origin::Stamp;
-use crate::state::StateError;
+use crate::state::{dec, StateError};
 
 /// Events kept at most. Past it the oldest event is dropped as each new one arrives (a
 /// destination that far behind needs a full resynchronisation, which its cursor shows: it
@@ -153,7 +153,7 @@ pub fn record<S: KvStore + ?Sized>(
     let seq = last_seq(kv)? + 1;
     batch.put(Cf::SmMeta, OUTBOX_SEQ.to_vec(), keys::encode(&seq));
     for d in &destinations {
-        batch.put(Cf::SmMeta, dest_key(d), keys::encode(d));
+        batch.put(Cf::SmMeta, dest_key("repl_dest", d), keys::encode(d));
     }
     if seq > OUTBOX_EVENTS_MAX {
         batch.delete(Cf::Outbox, (seq - OUTBOX_EVENTS_MAX).to_be_bytes().to_vec());
@@ -173,15 +173,23 @@ pub fn record<S: KvStore + ?Sized>(
     Ok(())
 }
 
+/// A counter in `sm_meta` (0 when absent).
+fn meta_u64<S: KvStore + ?Sized>(
+    kv: &S,
+    key: &[u8],
+    what: &'static str,
+) -> Result<u64, StateError> {
+    kv.get(Cf::SmMeta, key)?.map_or(Ok(0), |b| dec(what, &b))
+}
+
+/// The `sm_meta` key of one destination's `kind` of record (`repl_dest`, `repl_cursor`, ...).
+fn dest_key(kind: &str, dest: &Destination) -> Vec<u8> {
+    format!("{kind}/{}/{}", dest.region, dest.account).into_bytes()
+}
+
 /// The last sequence number given (0: none yet).
 pub fn last_seq<S: KvStore + ?Sized>(kv: &S) -> Result<u64, StateError> {
-    match kv.get(Cf::SmMeta, OUTBOX_SEQ)? {
-        Some(b) => keys::decode(&b).map_err(|source| StateError::Decode {
-            what: "outbox sequence",
-            source,
-        }),
-        None => Ok(0),
-    }
+    meta_u64(kv, OUTBOX_SEQ, "outbox sequence")
 }
 
 /// Events after `after` (exclusive), at most `limit`, in order.
@@ -193,49 +201,33 @@ pub fn events_after<S: KvStore + ?Sized>(
     let start = after.saturating_add(1).to_be_bytes();
     kv.scan(Cf::Outbox, b"", &start, limit)?
         .into_iter()
-        .map(|(_, v)| {
-            keys::decode(&v).map_err(|source| StateError::Decode {
-                what: "outbox event",
-                source,
-            })
-        })
+        .map(|(_, v)| dec("outbox event", &v))
         .collect()
 }
 
 const DEST_PREFIX: &[u8] = b"repl_dest/";
-
-fn dest_key(dest: &Destination) -> Vec<u8> {
-    let mut k = DEST_PREFIX.to_vec();
-    k.extend_from_slice(format!("{}/{}", dest.region, dest.account).as_bytes());
-    k
-}
 
 /// Destinations that ever received an event (each gets a worker), at most
 /// `DESTINATIONS_MAX`.
 pub fn known_destinations<S: KvStore + ?Sized>(kv: &S) -> Result<Vec<Destination>, StateError> {
     kv.scan(Cf::SmMeta, DEST_PREFIX, DEST_PREFIX, DESTINATIONS_MAX)?
         .into_iter()
-        .map(|(_, v)| {
-            keys::decode(&v).map_err(|source| StateError::Decode {
-                what: "replication destination",
-                source,
-            })
-        })
+        .map(|(_, v)| dec("replication destination", &v))
         .collect()
 }
 
 /// Destinations a region ships to at most (each has a worker and a cursor).
 pub const DESTINATIONS_MAX: usize = 256;
 
-fn failure_key(dest: &Destination) -> Vec<u8> {
-    format!("repl_failure/{}/{}", dest.region, dest.account).into_bytes()
-}
-
 /// Records why shipping to `dest` fails (`None`: it works again).
 pub fn set_failure(dest: &Destination, reason: Option<&str>, batch: &mut Batch) {
     match reason {
-        Some(r) => batch.put(Cf::SmMeta, failure_key(dest), keys::encode(&r.to_string())),
-        None => batch.delete(Cf::SmMeta, failure_key(dest)),
+        Some(r) => batch.put(
+            Cf::SmMeta,
+            dest_key("repl_failure", dest),
+            keys::encode(&r.to_string()),
+        ),
+        None => batch.delete(Cf::SmMeta, dest_key("repl_failure", dest)),
     }
 }
 
@@ -244,29 +236,14 @@ pub fn failure<S: KvStore + ?Sized>(
     kv: &S,
     dest: &Destination,
 ) -> Result<Option<String>, StateError> {
-    kv.get(Cf::SmMeta, &failure_key(dest))?
-        .map(|b| {
-            keys::decode(&b).map_err(|source| StateError::Decode {
-                what: "replication failure",
-                source,
-            })
-        })
+    kv.get(Cf::SmMeta, &dest_key("repl_failure", dest))?
+        .map(|b| dec("replication failure", &b))
         .transpose()
-}
-
-fn cursor_key(dest: &Destination) -> Vec<u8> {
-    format!("repl_cursor/{}/{}", dest.region, dest.account).into_bytes()
 }
 
 /// How far `dest` has applied the outbox (0: nothing yet).
 pub fn cursor<S: KvStore + ?Sized>(kv: &S, dest: &Destination) -> Result<u64, StateError> {
-    match kv.get(Cf::SmMeta, &cursor_key(dest))? {
-        Some(b) => keys::decode(&b).map_err(|source| StateError::Decode {
-            what: "replication cursor",
-            source,
-        }),
-        None => Ok(0),
-    }
+    meta_u64(kv, &dest_key("repl_cursor", dest), "replication cursor")
 }
 
 /// Moves `dest`'s cursor to `seq`; never backwards (a late, repeated report of an older
@@ -279,7 +256,11 @@ pub fn advance<S: KvStore + ?Sized>(
 ) -> Result<(), StateError> {
     let seq = seq.min(last_seq(kv)?);
     if seq > cursor(kv, dest)? {
-        batch.put(Cf::SmMeta, cursor_key(dest), keys::encode(&seq));
+        batch.put(
+            Cf::SmMeta,
+            dest_key("repl_cursor", dest),
+            keys::encode(&seq),
+        );
     }
     Ok(())
 }

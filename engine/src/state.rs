@@ -165,7 +165,11 @@ pub enum StateError {
     },
 }
 
-fn dec<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T, StateError> {
+/// Decodes a stored value, naming what it is in the error.
+pub(crate) fn dec<T: for<'de> Deserialize<'de>>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StateError> {
     keys::decode(bytes).map_err(|source| StateError::Decode { what, source })
 }
 
@@ -776,7 +780,7 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
             None => self.tag(acct, repo, tag)?.map(|t| TagOrigin {
                 digest: Some(t.digest),
                 stamp: Stamp {
-                    hlc: t.updated_ms << 16,
+                    hlc: origin::hlc_of_ms(t.updated_ms),
                     region: self.region.to_string(),
                 },
             }),

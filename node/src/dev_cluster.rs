@@ -419,15 +419,10 @@ impl DevCluster {
             v["access_key_id"].as_str().unwrap_or_default(),
             v["secret_access_key"].as_str().unwrap_or_default(),
         );
-        let target = "AmazonEC2ContainerRegistry_V20150921";
-        let (status, body) = admin_client::signed_call(
-            http,
-            &format!("{target}.DescribeRegistry"),
-            "{}",
-            id,
-            secret,
-        )
-        .await?;
+        let target = registry_api::ecr::TARGET_PREFIX;
+        let (status, body) =
+            admin_client::signed_call(http, &format!("{target}DescribeRegistry"), "{}", id, secret)
+                .await?;
         if status == 200 {
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
             if v["replicationConfiguration"]["rules"]
@@ -448,7 +443,7 @@ impl DevCluster {
         .to_string();
         let (status, text) = admin_client::signed_call(
             http,
-            &format!("{target}.PutReplicationConfiguration"),
+            &format!("{target}PutReplicationConfiguration"),
             &body,
             id,
             secret,

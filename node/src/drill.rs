@@ -49,14 +49,11 @@ impl ClusterMap {
             .collect()
     }
 
-    fn regions(&self) -> Vec<String> {
-        let mut r: Vec<String> = self
-            .nodes
+    fn regions(&self) -> std::collections::BTreeSet<String> {
+        self.nodes
             .iter()
             .filter_map(|n| n["region"].as_str().map(str::to_string))
-            .collect();
-        r.dedup();
-        r
+            .collect()
     }
 }
 
@@ -127,13 +124,6 @@ pub async fn verify(source: &str, target: &str, target_region: &str) -> Result<V
     })
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Prints a verification; returns whether anything would be lost.
 fn print_verified(source: &str, target: &str, v: &Verified) -> bool {
     let r = &v.report;
@@ -150,9 +140,9 @@ fn print_verified(source: &str, target: &str, v: &Verified) -> bool {
         "  replication backlog:        {} events, {:.1} s",
         v.backlog_events, v.backlog_seconds
     );
-    let rpo_s = r["oldest_lost_ms"]
-        .as_u64()
-        .map_or(0.0, |t| now_ms().saturating_sub(t) as f64 / 1000.0);
+    let rpo_s = r["oldest_lost_ms"].as_u64().map_or(0.0, |t| {
+        crate::clock::now_ms().saturating_sub(t) as f64 / 1000.0
+    });
     println!(
         "  RPO (lost if {source} vanished now): {} images, {} bytes, oldest pushed {:.1} s ago",
         lost.len(),
@@ -352,7 +342,7 @@ pub async fn run_region_loss(region: &str, cluster_dir: &Path, catch_up: Duratio
     }
     // 4. A push to a surviving region while the region is down.
     let (probe_region, probe_url, _) = &verified[0];
-    let tag = format!("t{}", now_ms());
+    let tag = format!("t{}", crate::clock::now_ms());
     let probe = push_probe(probe_url, "portolan-drill/probe", &tag).await;
     match &probe {
         Ok(d) => println!("  pushed probe portolan-drill/probe:{tag} ({d}) to {probe_region}"),
@@ -410,7 +400,7 @@ pub async fn run_region_loss(region: &str, cluster_dir: &Path, catch_up: Duratio
     // Caught up: every surviving region's backlog to it is empty, and it holds what they sent.
     let caught = loop {
         let mut done = true;
-        for (o, target, _) in &verified {
+        for (_, target, _) in &verified {
             let repl = get_json(target, "/_portolan/v1/replication")
                 .await
                 .unwrap_or_default();
@@ -424,7 +414,6 @@ pub async fn run_region_loss(region: &str, cluster_dir: &Path, catch_up: Duratio
             if behind > 0 {
                 done = false;
             }
-            let _ = o;
         }
         if done {
             if let Ok(d) = &probe {

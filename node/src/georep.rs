@@ -14,7 +14,7 @@
 //! Never: decides a tag's winner (the state machine does, on stamps) or trusts a peer's
 //! claim about who it is (the connection's certificate says which region it is).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,6 +49,8 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const FAILURES_BEFORE_STATUS: u32 = 3;
 /// How often the other regions' round-trip times are measured.
 const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// How far ahead of the receiving region's clock a change's stamp may be.
+const STAMP_AHEAD_MS_MAX: u64 = 60 * 60 * 1000;
 /// Index manifests nest one level (an index of images); deeper nesting is not shipped.
 const MANIFEST_DEPTH_MAX: u32 = 2;
 
@@ -310,7 +312,7 @@ pub struct DestStats {
     /// Shipping an event right now.
     pub busy: AtomicBool,
     /// Lag samples: milliseconds from an event's push to its acknowledgment here.
-    pub lag_ms: Mutex<Vec<u64>>,
+    pub lag_ms: Mutex<std::collections::VecDeque<u64>>,
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -431,11 +433,10 @@ impl<P: Platform> Georep<P> {
             }
             match self.round(&dest, &stats).await {
                 Ok(true) => {
-                    if failures > 0 {
-                        failures = 0;
-                        *stats.last_error.lock().expect("stats lock") = None;
-                        self.set_failure(&dest, None).await;
-                    }
+                    // Also clears a failure another leader recorded (a no-op when none is).
+                    failures = 0;
+                    *stats.last_error.lock().expect("stats lock") = None;
+                    self.set_failure(&dest, None).await;
                 }
                 // Nothing to ship: wake on the next applied entry (a push lands in the outbox
                 // as it applies), or after the poll interval.
@@ -495,9 +496,9 @@ impl<P: Platform> Georep<P> {
                 stats.events_shipped.fetch_add(1, Ordering::Relaxed);
                 if ev.at_ms > 0 {
                     if lag.len() >= LAG_SAMPLES_MAX {
-                        lag.remove(0);
+                        lag.pop_front();
                     }
-                    lag.push(now.saturating_sub(ev.at_ms));
+                    lag.push_back(now.saturating_sub(ev.at_ms));
                 }
             }
         }
@@ -750,24 +751,19 @@ impl<P: Platform> Georep<P> {
             .map_err(|e| GeoError::failed(format!("read {digest}: {e}")))?;
         let chunks = self.chunk_index(digest).await?;
         let node = self.link.pick(&dest.region)?;
-        let offsets: Vec<u64> = chunks
-            .iter()
-            .scan(0u64, |o, c| {
-                let at = *o;
-                *o += u64::from(c.len_bytes);
-                Some(at)
-            })
-            .collect();
-        let mut missing = Vec::new();
+        let ranges = chunk_ranges(&chunks);
         // A blob of one chunk is sent whole: asking first would cost a round trip to save it.
-        if chunks.len() == 1 {
-            missing.push(0);
-        }
-        for (i, part) in chunks
-            .chunks(GEO_LIST_MAX)
-            .enumerate()
-            .filter(|_| chunks.len() > 1)
-        {
+        let mut missing = if chunks.len() == 1 {
+            vec![0]
+        } else {
+            Vec::new()
+        };
+        let parts = if chunks.len() > 1 {
+            chunks.chunks(GEO_LIST_MAX)
+        } else {
+            [].chunks(1)
+        };
+        for (i, part) in parts.enumerate() {
             match self
                 .link
                 .call_node(
@@ -790,11 +786,8 @@ impl<P: Platform> Georep<P> {
         let mut batch: Vec<Vec<u8>> = Vec::new();
         let mut batch_bytes = 0u64;
         for (n, i) in missing.iter().enumerate() {
-            let (at, len) = (offsets[*i] as usize, chunks[*i].len_bytes as usize);
-            let part = bytes
-                .get(at..at + len)
-                .ok_or_else(|| GeoError::failed(format!("chunk index of {digest} overruns it")))?;
-            batch_bytes += len as u64;
+            let part = chunk_of(&bytes, &ranges, *i, digest)?;
+            batch_bytes += part.len() as u64;
             batch.push(part.to_vec());
             // Full batches go ahead; the last one travels with the assembly.
             if batch_bytes >= GEO_BATCH_BYTES_MAX / 2 && n + 1 < missing.len() {
@@ -941,8 +934,12 @@ impl<P: Platform> Georep<P> {
             }
             GeoRequest::Apply { items } => {
                 bounded(items.len(), "changes applied")?;
+                let targets: std::collections::BTreeSet<&GeoTarget> =
+                    items.iter().map(|(t, _)| t).collect();
+                for t in targets {
+                    self.admit_shipment(from, t)?;
+                }
                 for (target, change) in items {
-                    self.admit_shipment(from, &target)?;
                     self.apply_change(from, &target, change).await?;
                 }
                 Ok(GeoResponse::Done)
@@ -1017,27 +1014,15 @@ impl<P: Platform> Georep<P> {
                     return Ok(GeoResponse::NotFound(digest.to_string()));
                 }
                 let bytes = self.registry.ensure_local(&digest).await.map_err(api)?;
-                let chunks = self.chunk_index(&digest).await?;
-                let mut offsets = Vec::with_capacity(chunks.len());
-                let mut at = 0u64;
-                for c in &chunks {
-                    offsets.push(at);
-                    at += u64::from(c.len_bytes);
-                }
+                let ranges = chunk_ranges(&self.chunk_index(&digest).await?);
                 let mut out = Vec::new();
                 let mut total = 0u64;
                 for i in indices {
-                    let i = i as usize;
-                    let (Some(c), Some(o)) = (chunks.get(i), offsets.get(i)) else {
-                        return Err(GeoError::failed(format!("{digest} has no chunk {i}")));
-                    };
-                    total += u64::from(c.len_bytes);
+                    let part = chunk_of(&bytes, &ranges, i as usize, &digest)?;
+                    total += part.len() as u64;
                     if total > GEO_BATCH_BYTES_MAX {
                         return Err(GeoError::failed("chunks asked exceed one message"));
                     }
-                    let part = bytes
-                        .get(*o as usize..(*o + u64::from(c.len_bytes)) as usize)
-                        .ok_or_else(|| GeoError::failed("chunk index overruns the blob"))?;
                     out.push(part.to_vec());
                 }
                 Ok(GeoResponse::ChunkData(out))
@@ -1167,18 +1152,7 @@ impl<P: Platform> Georep<P> {
         size_bytes: u64,
         chunks: Vec<ChunkRef>,
     ) -> Ship<()> {
-        let limit = self.registry.limits().blob_bytes_max;
-        if size_bytes > limit {
-            return Err(GeoError::failed(format!(
-                "blob of {size_bytes} bytes is over this region's limit of {limit}"
-            )));
-        }
-        let sum: u64 = chunks.iter().map(|c| u64::from(c.len_bytes)).sum();
-        if sum != size_bytes {
-            return Err(GeoError::failed(format!(
-                "chunks of {digest} add up to {sum} bytes, not {size_bytes}"
-            )));
-        }
+        check_chunk_list(digest, size_bytes, &chunks, self.registry.limits())?;
         let store = self.registry.blob_store().clone();
         let (d, tmp) = (digest.clone(), crate::rt::new_id());
         let stored = self
@@ -1198,15 +1172,22 @@ impl<P: Platform> Georep<P> {
 
     async fn apply_change(&self, from: &str, target: &GeoTarget, change: GeoChange) -> Ship<()> {
         let (account, repo) = (target.account, target.repo.clone());
+        let now = self.registry.now_ms();
         let stamped_here = |s: &engine::origin::Stamp| {
-            if s.region == from {
-                Ok(())
-            } else {
-                Err(GeoError::failed(format!(
+            if s.region != from {
+                return Err(GeoError::failed(format!(
                     "region {from} sent a change stamped by {}",
                     s.region
-                )))
+                )));
             }
+            // A stamp far ahead of this clock would win every later move here.
+            if s.ms() > now.saturating_add(STAMP_AHEAD_MS_MAX) {
+                return Err(GeoError::failed(format!(
+                    "region {from} sent a change stamped {} ms ahead of this region's clock (at most {STAMP_AHEAD_MS_MAX})",
+                    s.ms() - now
+                )));
+            }
+            Ok(())
         };
         match change {
             GeoChange::ManifestPut {
@@ -1387,7 +1368,11 @@ impl<P: Platform> Georep<P> {
             )
             .await?
         {
-            GeoResponse::BlobIndex { size_bytes, chunks } => (size_bytes, chunks),
+            GeoResponse::BlobIndex { size_bytes, chunks } => {
+                // Checked before any chunk is fetched, not only at assembly.
+                check_chunk_list(digest, size_bytes, &chunks, self.registry.limits())?;
+                (size_bytes, chunks)
+            }
             GeoResponse::NotFound(_) => return Ok(false),
             other => return Err(GeoError::failed(format!("blob index answered {other:?}"))),
         };
@@ -1538,7 +1523,14 @@ impl<P: Platform> Georep<P> {
                 // Events are in push order: the first pending one is the oldest.
                 let oldest = pending.iter().map(|e| e.at_ms).find(|t| *t > 0);
                 let s = self.stats(&d);
-                let lag = s.lag_ms.lock().expect("stats lock").clone();
+                let mut lag: Vec<u64> = s
+                    .lag_ms
+                    .lock()
+                    .expect("stats lock")
+                    .iter()
+                    .copied()
+                    .collect();
+                lag.sort_unstable();
                 let last_error = s.last_error.lock().expect("stats lock").clone();
                 DestReport {
                     events_behind: pending.len() as u64 + beyond,
@@ -1556,7 +1548,6 @@ impl<P: Platform> Georep<P> {
                     lag_ms_p50: quantile(&lag, 0.5),
                     lag_ms_p99: quantile(&lag, 0.99),
                     lag_samples: lag.len(),
-                    lag_ms: lag,
                     region: d.region.clone(),
                     account: d.account.to_string(),
                     destination: d,
@@ -1731,6 +1722,8 @@ impl<P: Platform> Georep<P> {
             items: items.len() as u64,
             ..VerifyReport::default()
         };
+        // Each blob's bytes are read and hashed once, however many images share it.
+        let mut checked: HashMap<Digest, Result<(), String>> = HashMap::new();
         for item in items {
             let st = State::new(kv.as_ref());
             let name = format!("{}/{}@{}", item.account, item.repo, item.digest);
@@ -1754,12 +1747,21 @@ impl<P: Platform> Georep<P> {
                     problem = Some(format!("{name}: blob {b} missing"));
                     break;
                 }
-                match self.registry.ensure_local(b).await {
-                    Ok(bytes)
-                        if bytes.len() as u64 == *size
-                            && Digest::of(b.algorithm(), &bytes) == *b => {}
-                    Ok(_) => problem = Some(format!("{name}: blob {b} does not verify")),
-                    Err(err) => problem = Some(format!("{name}: blob {b} unreadable: {err}")),
+                if !checked.contains_key(b) {
+                    let verdict = match self.registry.ensure_local(b).await {
+                        Ok(bytes)
+                            if bytes.len() as u64 == *size
+                                && Digest::of(b.algorithm(), &bytes) == *b =>
+                        {
+                            Ok(())
+                        }
+                        Ok(_) => Err("does not verify".to_string()),
+                        Err(err) => Err(format!("unreadable: {err}")),
+                    };
+                    checked.insert(b.clone(), verdict);
+                }
+                if let Some(Err(why)) = checked.get(b) {
+                    problem = Some(format!("{name}: blob {b} {why}"));
                 }
             }
             for (tag, stamp) in &item.tags {
@@ -1835,23 +1837,64 @@ pub struct DestReport {
     pub blobs_shipped: u64,
     pub blobs_present: u64,
     pub events_shipped: u64,
-    #[serde(skip)]
-    pub lag_ms: Vec<u64>,
     /// Push-to-applied-there lag of the recent events (ms): median, 99th percentile, count.
     pub lag_ms_p50: Option<u64>,
     pub lag_ms_p99: Option<u64>,
     pub lag_samples: usize,
 }
 
-/// The `q` quantile (0..=1) of `samples`, nearest rank.
-pub fn quantile(samples: &[u64], q: f64) -> Option<u64> {
-    if samples.is_empty() {
-        return None;
+/// The `q` quantile (0..=1) of `sorted` samples, nearest rank.
+pub fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
+    sorted.get(rank - 1).copied()
+}
+
+/// A blob of `size_bytes` from `chunks`: within this region's blob limit, lengths adding up.
+fn check_chunk_list(
+    digest: &Digest,
+    size_bytes: u64,
+    chunks: &[ChunkRef],
+    limits: &engine::Limits,
+) -> Ship<()> {
+    if size_bytes > limits.blob_bytes_max {
+        return Err(GeoError::failed(format!(
+            "blob of {size_bytes} bytes is over this region's limit of {}",
+            limits.blob_bytes_max
+        )));
     }
-    let mut v = samples.to_vec();
-    v.sort_unstable();
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    Some(v[rank - 1])
+    let sum: u64 = chunks.iter().map(|c| u64::from(c.len_bytes)).sum();
+    if sum != size_bytes {
+        return Err(GeoError::failed(format!(
+            "chunks of {digest} add up to {sum} bytes, not {size_bytes}"
+        )));
+    }
+    Ok(())
+}
+
+/// Where each chunk lies in its blob, in order.
+fn chunk_ranges(chunks: &[ChunkRef]) -> Vec<std::ops::Range<usize>> {
+    let mut at = 0usize;
+    chunks
+        .iter()
+        .map(|c| {
+            let r = at..at + c.len_bytes as usize;
+            at = r.end;
+            r
+        })
+        .collect()
+}
+
+/// Chunk `i` of a blob's bytes (an index past the list, or past the bytes, is an error).
+fn chunk_of<'a>(
+    bytes: &'a [u8],
+    ranges: &[std::ops::Range<usize>],
+    i: usize,
+    digest: &Digest,
+) -> Ship<&'a [u8]> {
+    ranges
+        .get(i)
+        .and_then(|r| bytes.get(r.clone()))
+        .ok_or_else(|| GeoError::failed(format!("{digest} has no chunk {i}")))
 }
 
 fn bounded(n: usize, what: &str) -> Ship<()> {

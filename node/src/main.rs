@@ -207,9 +207,6 @@ fn admin_call(target: &AdminTarget, op: &str, body: serde_json::Value) -> Result
     Ok(())
 }
 
-/// `X-Amz-Target` prefix of ECR operations.
-const ECR_TARGET_PREFIX: &str = "AmazonEC2ContainerRegistry_V20150921.";
-
 /// One signed JSON 1.1 call with the key in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
 fn signed_call(
     target: &AdminTarget,
@@ -256,7 +253,7 @@ fn replication(cmd: ReplicationCmd) -> Result<()> {
                 .with_context(|| format!("{} is not JSON", file.display()))?;
             let v = signed_call(
                 &target,
-                ECR_TARGET_PREFIX,
+                registry_api::ecr::TARGET_PREFIX,
                 "PutReplicationConfiguration",
                 serde_json::json!({ "replicationConfiguration": config }),
             )?;
@@ -265,7 +262,7 @@ fn replication(cmd: ReplicationCmd) -> Result<()> {
         ReplicationCmd::Get { target } => {
             let v = signed_call(
                 &target,
-                ECR_TARGET_PREFIX,
+                registry_api::ecr::TARGET_PREFIX,
                 "DescribeRegistry",
                 serde_json::json!({}),
             )?;

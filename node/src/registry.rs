@@ -854,10 +854,9 @@ impl<P: Platform> Registry for NodeRegistry<P> {
         repo: &RepoName,
         digest: &Digest,
     ) -> RegistryResult<Option<u64>> {
-        if let Some(size) = self.blob_linked(account, repo, digest)? {
-            return Ok(Some(size));
-        }
-        self.read_blob_through(account, repo, digest).await
+        // This region only: clients HEAD every layer before pushing it, and a push must not
+        // wait on (or fail with) another region. GET reads through.
+        self.blob_linked(account, repo, digest)
     }
 
     async fn blob_redirect(
@@ -886,15 +885,7 @@ impl<P: Platform> Registry for NodeRegistry<P> {
                 .await?
                 .ok_or_else(|| ApiError::BlobUnknown(digest.clone()))?,
         };
-        let bytes = match self.local_blob_bytes(digest).await? {
-            Some(b) => b,
-            None => {
-                self.fetch_from_holders(digest).await?;
-                self.local_blob_bytes(digest).await?.ok_or_else(|| {
-                    ApiError::Internal(format!("blob {digest} vanished after it was fetched"))
-                })?
-            }
-        };
+        let bytes = self.ensure_local(digest).await?;
         let len = bytes.len() as u64;
         if len != size {
             return Err(ApiError::Internal(format!(

@@ -124,14 +124,12 @@ impl NodeTls {
     }
 
     /// Every CA this node trusts: its region's and the other regions'.
-    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, QuicSetupError> {
-        let all: Vec<CertificateDer<'static>> = self
-            .ca
+    fn all_cas(&self) -> Vec<CertificateDer<'static>> {
+        self.ca
             .iter()
             .chain(self.remote.iter().flat_map(|(_, c)| c.iter()))
             .cloned()
-            .collect();
-        Self::store(&all)
+            .collect()
     }
 
     fn verifier(cas: &[CertificateDer<'static>]) -> Result<Verifier, QuicSetupError> {
@@ -154,12 +152,7 @@ impl NodeTls {
 
     fn server_config(&self) -> Result<quinn::ServerConfig, QuicSetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            self.roots()?,
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| QuicSetupError::Verifier(e.to_string()))?;
+        let verifier = Self::verifier(&self.all_cas())?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -176,7 +169,7 @@ impl NodeTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(self.roots()?)
+            .with_root_certificates(Self::store(&self.all_cas())?)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto =
