@@ -38,9 +38,12 @@ pub fn valid_user_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
 }
 
+/// Length of an access key id.
+pub const ACCESS_KEY_ID_LEN: std::ops::RangeInclusive<usize> = 16..=128;
+
 /// Checks an access key id: `[A-Z0-9]{16,128}`.
 pub fn valid_access_key_id(id: &str) -> bool {
-    (16..=128).contains(&id.len())
+    ACCESS_KEY_ID_LEN.contains(&id.len())
         && id
             .bytes()
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())

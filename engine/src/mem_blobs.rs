@@ -131,17 +131,20 @@ impl MemBlobStore {
     }
 
     /// Digests of every committed blob, in order.
-    pub fn digests(&self) -> Vec<Digest> {
+    #[cfg(test)]
+    fn digests(&self) -> Vec<Digest> {
         self.lock().blobs.keys().cloned().collect()
     }
 
     /// Number of staged chunks.
-    pub fn staged_chunks(&self) -> usize {
+    #[cfg(test)]
+    fn staged_chunks(&self) -> usize {
         self.lock().staged.len()
     }
 
     /// Number of open upload sessions.
-    pub fn uploads(&self) -> usize {
+    #[cfg(test)]
+    fn uploads(&self) -> usize {
         self.lock().uploads.len()
     }
 

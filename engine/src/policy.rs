@@ -432,15 +432,7 @@ fn no_variables(location: &str, s: &str) -> Result<(), PolicyError> {
 }
 
 fn is_account(s: &str) -> bool {
-    s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// IAM user names: `[A-Za-z0-9+=,.@_-]{1,64}` (paths are not supported).
-fn is_user_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
+    crate::AccountId::parse(s).is_ok()
 }
 
 /// `*`, or `service:Name` where the name may hold `*` and `?` wildcards.
@@ -511,7 +503,7 @@ fn aws_principal(location: &str, s: &str) -> Result<AwsPrincipal, PolicyError> {
             return Some(AwsPrincipal::Root(account.to_string()));
         }
         let name = what.strip_prefix("user/")?;
-        is_user_name(name).then(|| AwsPrincipal::User {
+        crate::iam::valid_user_name(name).then(|| AwsPrincipal::User {
             account: account.to_string(),
             name: name.to_string(),
         })

@@ -162,12 +162,9 @@ pub trait Gate: Send + Sync + 'static {
 /// The tenant a request acts on: a leading 12-digit label of the host
 /// (`123456789012.registry.example:5000`), else the caller's own account, else the default.
 pub fn account_of(host: Option<&str>, id: &Identity) -> Result<AccountId, ApiError> {
-    if let Some(label) = host.and_then(|h| h.split('.').next()) {
-        if label.len() == 12
-            && label.bytes().all(|b| b.is_ascii_digit())
-            && host.is_some_and(|h| h.contains('.'))
-        {
-            return AccountId::parse(label).map_err(ApiError::NameInvalid);
+    if let Some((label, _)) = host.and_then(|h| h.split_once('.')) {
+        if let Ok(a) = AccountId::parse(label) {
+            return Ok(a);
         }
     }
     match &id.account {

@@ -135,18 +135,22 @@ fn identify(
     }
 }
 
+/// The request's `Host` (`localhost` when absent or not text).
+fn host_of(req: &Request) -> String {
+    req.headers()
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost")
+        .to_string()
+}
+
 /// Authenticates and authorizes one OCI request; returns the account it acts on.
 fn admit(
     g: &dyn gate::Gate,
     route: &Route,
     req: &mut Request,
 ) -> Result<engine::AccountId, Box<Response>> {
-    let host = req
-        .headers()
-        .get(axum::http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost")
-        .to_string();
+    let host = host_of(req);
     let id = identify(g, req, &host)?;
     let account = gate::account_of(Some(&host), &id).map_err(|e| Box::new(e.into_response()))?;
     let repo = route.repo();
@@ -218,12 +222,7 @@ fn admit(
 /// caller (Basic credentials, or none for anonymous pulls of public repositories), limited
 /// to the scopes it asked for that it is allowed.
 fn token(g: &dyn gate::Gate, req: &Request) -> Response {
-    let host = req
-        .headers()
-        .get(axum::http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost")
-        .to_string();
+    let host = host_of(req);
     let id = match identify(g, req, &host) {
         Ok(id) => id,
         Err(r) => return *r,

@@ -19,8 +19,6 @@ pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 pub const MAX_AUTHORIZATION_BYTES: usize = 4096;
 /// Most names in `SignedHeaders`.
 pub const MAX_SIGNED_HEADERS: usize = 64;
-/// Access key id length bounds (IAM: 16..=128, `[A-Z0-9]`).
-pub const ACCESS_KEY_ID_LEN: std::ops::RangeInclusive<usize> = 16..=128;
 /// Longest request path canonicalised.
 pub const MAX_PATH_BYTES: usize = 8192;
 /// Longest raw query string canonicalised.
@@ -185,15 +183,11 @@ pub fn parse_authorization(value: &str) -> Result<AuthHeader, SigV4Error> {
             scope.len()
         )));
     };
-    if !ACCESS_KEY_ID_LEN.contains(&access_key_id.len())
-        || !access_key_id
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
-    {
+    if !engine::iam::valid_access_key_id(access_key_id) {
         return Err(incomplete(format!(
             "access key id must be {}..={} characters of [A-Z0-9], got {} bytes",
-            ACCESS_KEY_ID_LEN.start(),
-            ACCESS_KEY_ID_LEN.end(),
+            engine::iam::ACCESS_KEY_ID_LEN.start(),
+            engine::iam::ACCESS_KEY_ID_LEN.end(),
             access_key_id.len()
         )));
     }
