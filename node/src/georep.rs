@@ -427,6 +427,10 @@ impl<P: Platform> Georep<P> {
         let stats = self.stats(&dest);
         let mut failures: u32 = 0;
         loop {
+            if self.registry.raft_stopped() {
+                tracing::error!(region = %dest.region, account = %dest.account, "the Raft core has stopped; replication worker stops");
+                return;
+            }
             if !self.registry.is_leader() || self.paused.load(Ordering::Relaxed) {
                 tokio::time::sleep(self.poll).await;
                 continue;
@@ -440,7 +444,11 @@ impl<P: Platform> Georep<P> {
                 }
                 // Nothing to ship: wake on the next applied entry (a push lands in the outbox
                 // as it applies), or after the poll interval.
-                Ok(false) => self.registry.wait_for_next_apply(self.poll).await,
+                Ok(false) => {
+                    if !self.registry.wait_for_next_apply(self.poll).await {
+                        continue; // the Raft core stopped: the check above ends the worker
+                    }
+                }
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     tracing::warn!(region = %dest.region, account = %dest.account, error = %e, failures, "replication failed; retrying");
@@ -1978,6 +1986,32 @@ mod tests {
 
     fn failed(r: &GeoResponse, what: &str) {
         assert!(matches!(r, GeoResponse::Failed(_)), "{what}: {r:?}");
+    }
+
+    /// A worker whose Raft core has stopped (as a storage error stops it) ends instead of
+    /// spinning on a closed metrics channel with the last metrics still saying "leader".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_stops_when_its_raft_core_stops() {
+        let (_dir, g) = east().await;
+        assert!(g.registry.is_leader());
+        g.registry.raft().shutdown().await.unwrap();
+        assert!(g.registry.raft_stopped());
+        assert!(!g.registry.is_leader(), "a stopped core does not lead");
+        assert!(
+            !g.registry
+                .wait_for_next_apply(Duration::from_secs(30))
+                .await,
+            "waiting on a stopped core returns at once, saying so"
+        );
+        let dest = Destination {
+            region: "west".into(),
+            account: AccountId::DEFAULT,
+        };
+        let worker = crate::rt::spawn(g.clone().worker(dest));
+        tokio::time::timeout(Duration::from_secs(10), worker)
+            .await
+            .expect("the worker ended")
+            .unwrap();
     }
 
     /// What another region sends is validated: bounds, digests, sizes, stamps, account

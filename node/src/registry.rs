@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::clock::Clock;
 use crate::cluster::placement;
+use crate::raft::log_store::{durable_leadership, DurableLeadership};
 use crate::raft::{NodeInfo, Raft, Request, Response};
 use crate::transport::quic::QuicTransport;
 use crate::transport::{BlobReader, PeerRequest, PeerResponse, Transport};
@@ -136,6 +137,26 @@ pub struct NodeRegistry<P: Platform = Production> {
     pub replication: ReplicationGate,
     /// Other regions to read through from (cross-region replication configured).
     read_through: std::sync::OnceLock<Arc<dyn ReadThrough>>,
+    /// The read-index floor of a node that started as the leader of its old term.
+    read_floor: ReadFloor,
+}
+
+/// A floor under the read index of linearizable reads, for a node that restarted holding a
+/// committed vote for itself (see `log_store::durable_leadership`): while it leads in that
+/// term, a read waits until everything in its log at start-up is applied, since its
+/// committed index came back from an unsynced write and may be behind what it acknowledged.
+enum ReadFloor {
+    /// Not needed: the node did not start as a leader (a leader elected later proposes a
+    /// blank entry of its new term, and the read index is at least that).
+    None,
+    Leader {
+        leadership: DurableLeadership,
+        /// Applied past the floor once: openraft's own read index suffices from then on.
+        reached: std::sync::atomic::AtomicBool,
+    },
+    /// The Raft store could not be read at start-up: linearizable reads are refused by this
+    /// process rather than risk a stale answer.
+    Unknown(String),
 }
 
 /// Content this region lacks but another region may send (read-through).
@@ -202,6 +223,17 @@ impl<P: Platform> NodeRegistry<P> {
     ) -> Self {
         let proposals = Semaphore::new(limits.raft_proposals_max as usize);
         let replication = ReplicationGate::new(limits.replication_inflight_bytes_max);
+        let read_floor = match durable_leadership(kv.as_ref(), node_id) {
+            Ok(None) => ReadFloor::None,
+            Ok(Some(leadership)) => ReadFloor::Leader {
+                leadership,
+                reached: std::sync::atomic::AtomicBool::new(false),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "read the Raft vote and log at start-up; linearizable reads refused");
+                ReadFloor::Unknown(e.to_string())
+            }
+        };
         NodeRegistry {
             node_id,
             raft,
@@ -216,6 +248,7 @@ impl<P: Platform> NodeRegistry<P> {
             sessions: std::sync::Mutex::new(HashMap::new()),
             proposals,
             read_through: std::sync::OnceLock::new(),
+            read_floor,
         }
     }
 
@@ -253,6 +286,11 @@ impl<P: Platform> NodeRegistry<P> {
 
     pub fn kv(&self) -> &Arc<P::Kv> {
         &self.kv
+    }
+
+    /// This node's Raft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
     }
 
     /// Wall-clock milliseconds on this node's clock.
@@ -391,16 +429,72 @@ impl<P: Platform> NodeRegistry<P> {
             ));
         }
         if !self.bugs.stale_leader_reads {
-            tokio::time::timeout(self.write_timeout, self.raft.ensure_linearizable())
-                .await
-                .map_err(|_| ApiError::Unavailable("leadership not confirmed in time".into()))?
-                .map_err(|e| ApiError::Unavailable(format!("not confirmed as leader: {e}")))?;
+            self.await_read_index().await?;
         }
         Ok(self
             .state()
             .tag(account, repo, tag)
             .map_err(state_err)?
             .map(|t| t.digest))
+    }
+
+    /// Confirms leadership with a quorum and waits until this node has applied the read
+    /// index: openraft's (the larger of the commit index and the blank entry of the
+    /// leader's term) and, on a node that restarted as leader of its old term, the floor.
+    async fn await_read_index(&self) -> Result<(), ApiError> {
+        use std::sync::atomic::Ordering;
+        let floor = match &self.read_floor {
+            ReadFloor::None => None,
+            ReadFloor::Unknown(why) => {
+                return Err(ApiError::Unavailable(format!(
+                    "linearizable reads are off on this node: {why}"
+                )))
+            }
+            ReadFloor::Leader { reached, .. } if reached.load(Ordering::Relaxed) => None,
+            ReadFloor::Leader {
+                leadership,
+                reached,
+            } => Some((leadership, reached)),
+        };
+        // The vote before and after the leadership check: the floor applies when the check
+        // confirmed the start-up term; a vote that changed in between leaves that unknown.
+        let vote_before = self.raft.metrics().borrow().vote;
+        let timeout = |_| ApiError::Unavailable("leadership not confirmed in time".into());
+        let (read_log_id, _) =
+            tokio::time::timeout(self.write_timeout, self.raft.get_read_log_id())
+                .await
+                .map_err(timeout)?
+                .map_err(|e| ApiError::Unavailable(format!("not confirmed as leader: {e}")))?;
+        let mut index = read_log_id.map(|l| l.index);
+        if let Some((leadership, reached)) = floor {
+            let vote_after = self.raft.metrics().borrow().vote;
+            if vote_before != vote_after {
+                return Err(ApiError::Unavailable(
+                    "leadership changed during the read; retry".into(),
+                ));
+            }
+            if vote_after == leadership.vote {
+                index = index.max(Some(leadership.last_log_index));
+            } else {
+                // Another term: its leader's blank entry bounds the read index.
+                reached.store(true, Ordering::Relaxed);
+            }
+        }
+        if let Some(i) = index {
+            self.raft
+                .wait(Some(self.write_timeout))
+                .applied_index_at_least(Some(i), "read index applied")
+                .await
+                .map_err(|e| {
+                    ApiError::Unavailable(format!("read index {i} not applied in time: {e}"))
+                })?;
+        }
+        if let Some((leadership, reached)) = floor {
+            if index >= Some(leadership.last_log_index) {
+                reached.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(())
     }
 
     /// Voters and learners of the region, from the latest membership this node knows.
@@ -555,18 +649,30 @@ impl<P: Platform> NodeRegistry<P> {
     }
 
     /// Waits (at most `bound`) until this node applies an entry past the one it has applied
-    /// now: workers waiting for new outbox events wake as soon as one commits.
-    pub async fn wait_for_next_apply(&self, bound: std::time::Duration) {
+    /// now: workers waiting for new outbox events wake as soon as one commits. `false` when
+    /// the Raft core has stopped (a storage error ends it): nothing will apply any more, and
+    /// a caller looping on this must stop rather than spin.
+    pub async fn wait_for_next_apply(&self, bound: std::time::Duration) -> bool {
         let mut rx = self.raft.metrics();
         let now = rx.borrow().last_applied.map_or(0, |l| l.index);
-        let _ = tokio::time::timeout(bound, async {
-            while rx.changed().await.is_ok() {
+        let waited = tokio::time::timeout(bound, async {
+            loop {
+                if rx.changed().await.is_err() {
+                    return false;
+                }
                 if rx.borrow().last_applied.is_some_and(|l| l.index > now) {
-                    break;
+                    return true;
                 }
             }
         })
         .await;
+        !matches!(waited, Ok(false))
+    }
+
+    /// Whether this node's Raft core has stopped (after a storage error, or at shutdown):
+    /// its metrics then keep the last state they had, leadership included.
+    pub fn raft_stopped(&self) -> bool {
+        self.raft.metrics().has_changed().is_err()
     }
 
     /// Where a blob or manifest this region lacks is looked for (another region), if set.
@@ -1352,7 +1458,7 @@ pub struct RepairStep {
 impl<P: Platform> NodeRegistry<P> {
     /// Whether this node leads its region right now.
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+        !self.raft_stopped() && self.raft.metrics().borrow().current_leader == Some(self.node_id)
     }
 
     /// The repair worker: a full pass every `every`, one bounded step at a time, doing work

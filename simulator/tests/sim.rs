@@ -62,6 +62,44 @@ fn sweep_passes_on_the_real_code() {
     assert!(faults > 20, "the nemesis barely struck: {faults} faults");
 }
 
+/// Seeds of the deep sweep when `PORTOLAN_SIM_DEEP_SEEDS` (`A..B`) does not name them: a
+/// range no run used before, from the wall clock, so every CI run explores new schedules.
+fn deep_seeds() -> std::ops::Range<u64> {
+    if let Ok(r) = std::env::var("PORTOLAN_SIM_DEEP_SEEDS") {
+        let (a, b) = r
+            .split_once("..")
+            .expect("PORTOLAN_SIM_DEEP_SEEDS looks like A..B");
+        return a.parse().expect("a seed")..b.parse().expect("a seed");
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs();
+    // Seconds since the epoch, times 1000: far from the fixed seeds and from each other run.
+    let first = secs * 1000;
+    first..first + DEEP_SWEEP_SEEDS
+}
+
+/// Fresh seeds at 600 simulated seconds per CI run: the depth at which a restarted leader's
+/// stale read index showed up (seeds 2003 and 2009), which 60 s runs never reach.
+const DEEP_SWEEP_SEEDS: u64 = 3;
+
+/// The deep sweep: fresh seeds each run, 600 s each, 2 regions x 3 nodes, heavy faults. The
+/// seed range is printed first, so a failure is replayed with the command it prints.
+#[test]
+fn deep_sweep_of_fresh_seeds_passes() {
+    let seeds = deep_seeds();
+    println!(
+        "deep sweep: seeds {}..{} at 600 s (replay: cargo run --release -p simulator -- --seeds {}..{} --duration 600s)",
+        seeds.start, seeds.end, seeds.start, seeds.end
+    );
+    for seed in seeds {
+        let s = run(config(seed, 2, 600));
+        assert!(s.passed(), "deep sweep seed {seed}:\n{}", report(&s));
+        assert!(s.checks > 0, "seed {seed} checked nothing:\n{s}");
+    }
+}
+
 /// Runs that once failed, kept as regression cases (each must pass now).
 #[test]
 fn regression_seeds() {
@@ -85,6 +123,31 @@ fn regression_seeds() {
         let s = run(config(seed, 2, secs));
         assert!(s.passed(), "regression ({what}):\n{}", report(&s));
     }
+}
+
+/// A region loses power; its leader restarts holding its committed vote and is leader of its
+/// old term at once, with the committed index it had saved unsynced — older than entries it
+/// had acknowledged — and answered a linearizable read from before an acknowledged tag move.
+/// Each seed at 600 s is its own test, so the two run side by side.
+#[test]
+fn regression_seed_2003_restarted_leader_read_index() {
+    let s = run(config(2003, 2, 600));
+    assert!(
+        s.passed(),
+        "regression (stale read after a leader restarted):\n{}",
+        report(&s)
+    );
+}
+
+/// The same stale read as seed 2003, on tag `t0` at ~560 s.
+#[test]
+fn regression_seed_2009_restarted_leader_read_index() {
+    let s = run(config(2009, 2, 600));
+    assert!(
+        s.passed(),
+        "regression (stale read after a leader restarted):\n{}",
+        report(&s)
+    );
 }
 
 /// Runs seeds until one fails; returns the failing summary.

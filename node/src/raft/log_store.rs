@@ -88,6 +88,49 @@ impl<S: KvStore> LogStore<S> {
     }
 }
 
+/// What a node's durable Raft state says about its leadership when it starts: the leader
+/// vote it holds and the last index of its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurableLeadership {
+    pub vote: Vote<NodeId>,
+    pub last_log_index: u64,
+}
+
+/// Reads the vote and the last log index of node `me` from its store, when the vote is a
+/// committed vote for itself: openraft restores such a node as leader of that term at once,
+/// with the committed index it saved — unsynced, so possibly older than entries it had
+/// committed and acknowledged before a crash. Every such entry is in its log (appends are
+/// synced before they count), so the last log index is a safe floor for its read index
+/// while it leads in that term, and a live one: a leader never truncates its own log.
+pub fn durable_leadership<S: KvStore>(
+    kv: &S,
+    me: NodeId,
+) -> Result<Option<DurableLeadership>, StorageError> {
+    let vote: Option<Vote<NodeId>> = match kv
+        .get(Cf::RaftMeta, keys::RAFT_VOTE)
+        .map_err(|e| StorageIOError::read_vote(&e))?
+    {
+        Some(b) => Some(from_bytes(&b).map_err(|e| StorageIOError::read_vote(&e))?),
+        None => None,
+    };
+    let Some(vote) = vote.filter(|v| v.is_committed() && v.leader_id().voted_for() == Some(me))
+    else {
+        return Ok(None);
+    };
+    let last = kv
+        .last(Cf::RaftLog, b"")
+        .map_err(|e| StorageIOError::read_logs(&e))?;
+    let last_log_index = match last {
+        Some((k, _)) => keys::decode_log_index(&k)
+            .ok_or_else(|| StorageIOError::read_logs(&std::io::Error::other("bad log key")))?,
+        None => return Ok(None),
+    };
+    Ok(Some(DurableLeadership {
+        vote,
+        last_log_index,
+    }))
+}
+
 impl<S: KvStore> RaftLogReader<TypeConfig> for LogStore<S> {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -169,8 +212,10 @@ impl<S: KvStore> RaftLogStorage<TypeConfig> for LogStore<S> {
         if let Some(c) = committed {
             self.committed.store(c.index, Ordering::Relaxed);
         }
-        // Not synced: a lost committed index is re-learned from the leader; it only lets a
-        // restarted node apply what it already knows to be committed without waiting.
+        // Not synced: it only lets a restarted node apply what it knows to be committed
+        // without waiting. So after a crash it may be older than what this node had
+        // committed (and acknowledged). A node that restarts as the leader of its old term
+        // takes it for its read index, so linearizable reads use `durable_leadership` too.
         self.put_meta(keys::RAFT_COMMITTED, &committed, false)
     }
 
