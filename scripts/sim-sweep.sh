@@ -11,7 +11,8 @@
 #
 # Every failing seed's whole report (violations, trace tail, replay command) is kept in
 # $OUT (default ./sim-sweep-<first>/seed-<n>.txt); one line per seed goes to stdout and to
-# $OUT/summary.txt. Exits 1 if any seed failed, 0 otherwise.
+# $OUT/summary.txt. Exits 1 if any seed failed, 0 otherwise. SIM=path runs a simulator binary
+# built before (no build step).
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -33,9 +34,12 @@ if [ ${#flags[@]} -eq 0 ]; then
     flags=(--duration 600s --regions 2 --nodes 3 --faults heavy)
 fi
 
-bash scripts/deps.sh build
-cargo build --release -p simulator
-sim=target/release/simulator
+sim=${SIM:-}
+if [ -z "$sim" ]; then
+    bash scripts/deps.sh build
+    cargo build --release -p simulator
+    sim=target/release/simulator
+fi
 mkdir -p "$out"
 : > "$out/summary.txt"
 echo "sim-sweep: seeds $first..$((first + count)) (${flags[*]}), $jobs at a time, reports in $out"
