@@ -12,6 +12,9 @@
 //! <root>/staged/<hex[0..2]>/<hex>               a chunk received from another region, kept
 //!                                               until a blob is assembled from it (mtime =
 //!                                               the caller's staging time)
+//! <root>/quarantine/<alg>-<hex>                 a committed copy found not to match its
+//!                                               digest, moved aside (never served), kept for
+//!                                               an operator to inspect
 //! ```
 //! Owns: session state, the running sha256 and chunk index, durable commit of a blob's bytes
 //! (temp file, fsync, rename, directory fsync), the chunk locator (derived, unsynced: a lost or
@@ -19,7 +22,9 @@
 //! Never: commits anything through Raft (the caller does, after the write quorum), reads the
 //! clock (times are arguments; a staged chunk's mtime is set from the caller's time), picks
 //! upload ids (the caller does, from its RNG), returns chunk bytes it has not verified against
-//! their BLAKE3 name.
+//! their BLAKE3 name, returns blob bytes from `read_verified` that do not hash to the digest,
+//! keeps a damaged copy in place of a verified one offered again (`put_blob`, `finish`,
+//! `assemble_blob` check the copy they would keep).
 //! Invariants: a committed blob file's sha256 is its name (verified before the rename); an
 //! upload's `state` never claims more bytes than its `data` holds durably (data is fsynced
 //! before the state that counts it is written); a staged chunk's BLAKE3 is its name.
@@ -61,6 +66,10 @@ pub enum BlobError {
     CorruptState { id: String, reason: String },
     #[error("blob {0} is not in this store")]
     BlobUnknown(Digest),
+    /// The stored copy does not hash to its digest (bit rot, a torn or truncated file): it
+    /// was quarantined, never returned.
+    #[error("stored copy of {digest} is corrupt (its bytes hash to {actual}); quarantined")]
+    Corrupt { digest: Digest, actual: Digest },
     /// A chunk needed to assemble a blob is neither staged nor in a committed blob (hex hash).
     #[error("chunk {0} is neither staged nor part of a blob in this store")]
     ChunkMissing(String),
@@ -592,7 +601,7 @@ impl BlobStore {
             return Err(BlobError::BadUploadId);
         }
         verify_chunk_list(d, size_bytes, chunks)?;
-        if self.blob_len(d) != Some(size_bytes) {
+        if self.blob_len(d) != Some(size_bytes) || !self.intact(d) {
             let tmp = self
                 .root
                 .join("uploads")
@@ -687,6 +696,48 @@ impl BlobStore {
             }
         }
         Ok(removed)
+    }
+
+    /// Whether the committed copy of `d` hashes to `d` (read whole). Used where a copy is
+    /// about to be kept instead of verified bytes offered again: the cost is paid only then.
+    fn intact(&self, d: &Digest) -> bool {
+        self.read_blob_file(d)
+            .is_ok_and(|b| Digest::of(d.algorithm(), &b) == *d)
+    }
+
+    /// Moves a copy that does not match its digest to `quarantine/` (with its chunk index
+    /// removed), so that it is never served and a good copy can take its place. Not synced: a
+    /// crash may bring it back, and the next verified read finds it again.
+    pub fn quarantine_blob(&self, d: &Digest) -> Result<(), BlobError> {
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir).at(&dir)?;
+        let hex = d.to_string().replace(':', "-");
+        let to = dir.join(hex);
+        match fs::rename(self.blob_path(d), &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(BlobError::Io {
+                    path: to,
+                    source: e,
+                })
+            }
+        }
+        remove_if_present(&self.chunks_path(d))
+    }
+
+    /// A committed blob's bytes as a memory map (unverified).
+    fn read_blob_file(&self, d: &Digest) -> Result<bytes::Bytes, BlobError> {
+        let file = self.open_blob(d)?;
+        let path = self.blob_path(d);
+        if file.metadata().at(&path)?.len() == 0 {
+            return Ok(bytes::Bytes::new());
+        }
+        // SAFETY: blob files are immutable once renamed into place (written to a temporary
+        // name, fsynced, renamed) and are only ever unlinked or renamed away, never truncated
+        // or rewritten in place, so the mapping cannot change under the reader.
+        let map = unsafe { memmap2::Mmap::map(&file) }.at(&path)?;
+        Ok(bytes::Bytes::from_owner(map))
     }
 
     /// Removes a committed blob (GC, or a failed replica write).
@@ -859,7 +910,7 @@ impl BlobStore {
         tmp_id: &str,
     ) -> Result<StoredBlob, BlobError> {
         let stored = verify_whole_blob(expected, bytes, tmp_id)?;
-        if self.blob_len(expected) == Some(stored.size_bytes) {
+        if self.blob_len(expected) == Some(stored.size_bytes) && self.intact(expected) {
             return Ok(stored);
         }
         let chunks = crate::chunker::chunk_all(bytes);
@@ -1030,7 +1081,7 @@ impl UploadWriter {
             });
         }
         let size_bytes = self.offset;
-        if store.blob_len(expected) != Some(size_bytes) {
+        if store.blob_len(expected) != Some(size_bytes) || !store.intact(expected) {
             self.file.sync_data().at(&data)?;
             let chunks = self.chunker.finish();
             store.install(&data, expected, &chunks)?;
@@ -1047,8 +1098,9 @@ impl UploadWriter {
 /// the file system; `mem_blobs::MemBlobStore` is the simulator's in-memory twin, which models
 /// fsync (bytes not yet made durable are lost on a simulated crash).
 ///
-/// To ensure correctness an implementation must: never report a blob it cannot return whole
-/// with exactly the bytes of its digest; make `put_blob`, `finish_upload`, `assemble_blob` and
+/// To ensure correctness an implementation must: never return bytes from `read_verified`
+/// that do not hash to the digest asked for (a copy may rot on the medium after it was
+/// committed: `read_blob` alone does not promise this); make `put_blob`, `finish_upload`, `assemble_blob` and
 /// `stage_chunk` durable before they return; never let an upload's durable offset exceed the
 /// bytes durably written; never return chunk bytes that do not hash to the chunk's name.
 pub trait BlobBackend: Clone + Send + Sync + 'static {
@@ -1058,10 +1110,42 @@ pub trait BlobBackend: Clone + Send + Sync + 'static {
 
     /// Size of a committed blob, if this store has it.
     fn blob_len(&self, d: &Digest) -> Option<u64>;
-    /// A committed blob's bytes (a memory map where the store has files).
+    /// A committed blob's bytes as stored (a memory map where the store has files), not
+    /// verified: for callers whose receiver verifies (a replica sent to a peer). Anything
+    /// served uses `read_verified`.
     fn read_blob(&self, d: &Digest) -> Result<bytes::Bytes, BlobError>;
     /// Removes a committed blob (GC, or a failed replica write).
     fn remove_blob(&self, d: &Digest) -> Result<(), BlobError>;
+    /// Moves a copy found not to match its digest out of the way (never served again; a
+    /// good copy may take its place). Default: removes it.
+    fn quarantine_blob(&self, d: &Digest) -> Result<(), BlobError> {
+        self.remove_blob(d)
+    }
+    /// A committed blob's bytes, verified against the digest before they are returned. A copy
+    /// that does not match (bit rot, a truncated or torn file) is quarantined and reported as
+    /// `BlobError::Corrupt`, never returned; the caller fetches a good copy from a peer.
+    ///
+    /// Cost: a full hash of the blob on every call, also for a copy verified a moment ago (a
+    /// copy can rot after it was checked, and remembering "verified" would need a durable
+    /// record per copy). Reads that stream large blobs to clients pay one extra pass over
+    /// the bytes before the first byte is sent.
+    fn read_verified(&self, d: &Digest) -> Result<bytes::Bytes, BlobError> {
+        let bytes = self.read_blob(d)?;
+        let actual = Digest::of(d.algorithm(), &bytes);
+        if actual == *d {
+            return Ok(bytes);
+        }
+        drop(bytes);
+        // A concurrent reader may have replaced the copy with a good one meanwhile and this
+        // removes it again: that costs a second fetch, never a bad read.
+        if let Err(e) = self.quarantine_blob(d) {
+            tracing::error!(digest = %d, error = %e, "corrupt blob copy could not be quarantined");
+        }
+        Err(BlobError::Corrupt {
+            digest: d.clone(),
+            actual,
+        })
+    }
     /// Stores `bytes` as a blob in one durable step; `tmp_id` is unique among concurrent calls.
     fn put_blob(
         &self,
@@ -1150,20 +1234,15 @@ impl BlobBackend for BlobStore {
     }
 
     fn read_blob(&self, d: &Digest) -> Result<bytes::Bytes, BlobError> {
-        let file = self.open_blob(d)?;
-        let path = self.blob_path(d);
-        if file.metadata().at(&path)?.len() == 0 {
-            return Ok(bytes::Bytes::new());
-        }
-        // SAFETY: blob files are immutable once renamed into place (written to a temporary
-        // name, fsynced, renamed) and are only ever unlinked, never truncated or rewritten,
-        // so the mapping cannot change under the reader.
-        let map = unsafe { memmap2::Mmap::map(&file) }.at(&path)?;
-        Ok(bytes::Bytes::from_owner(map))
+        self.read_blob_file(d)
     }
 
     fn remove_blob(&self, d: &Digest) -> Result<(), BlobError> {
         BlobStore::remove_blob(self, d)
+    }
+
+    fn quarantine_blob(&self, d: &Digest) -> Result<(), BlobError> {
+        BlobStore::quarantine_blob(self, d)
     }
 
     fn put_blob(
@@ -1355,6 +1434,48 @@ pub(crate) mod tests {
         );
         store.remove_blob(&d).unwrap();
         assert_eq!(store.blob_len(&d), None);
+    }
+
+    #[test]
+    fn damaged_copies_are_quarantined_never_read_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let data = pseudo_random(100_000, 9);
+        let d = Digest::sha256_of(&data);
+        store.put_blob(&d, &data, "t1").unwrap();
+        assert_eq!(store.read_verified(&d).unwrap(), data);
+        // Rot in place: the store never rewrites a blob file, the medium does.
+        let p = store.blob_path(&d);
+        let mut raw = fs::read(&p).unwrap();
+        raw[5_000] ^= 0x10;
+        fs::write(&p, &raw).unwrap();
+        // Same size: offered again, the damaged copy is found and replaced.
+        store.put_blob(&d, &data, "t2").unwrap();
+        assert_eq!(store.read_verified(&d).unwrap(), data);
+        fs::write(&p, &raw).unwrap();
+        assert!(matches!(
+            store.read_verified(&d),
+            Err(BlobError::Corrupt { .. })
+        ));
+        assert_eq!(store.blob_len(&d), None, "moved out of the way");
+        assert_eq!(
+            fs::read_dir(dir.path().join("quarantine")).unwrap().count(),
+            1
+        );
+        // A truncated copy (wrong size) is rewritten when the blob comes again.
+        store.put_blob(&d, &data, "t3").unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(10)
+            .unwrap();
+        assert!(matches!(
+            store.read_verified(&d),
+            Err(BlobError::Corrupt { .. })
+        ));
+        store.put_blob(&d, &data, "t4").unwrap();
+        assert_eq!(store.read_verified(&d).unwrap(), data);
     }
 
     /// Deterministic pseudo-random bytes (xorshift64).

@@ -1,8 +1,10 @@
 //! The key-value seam under the metadata state machine and the Raft log.
 //!
 //! Owns: the `KvStore` trait, its RocksDB implementation (`RocksKv`) and its in-memory twin
-//! (`MemKv`), which the simulator uses and which models fsync: writes not synced are lost by
-//! `MemKv::crash`.
+//! (`MemKv`), which the simulator uses and which models fsync and the write-ahead log's
+//! record checksums: writes not synced are lost by `MemKv::crash`; a record torn by a crash is
+//! found by its checksum when the store opens and dropped with everything after it; a synced
+//! record found damaged makes `MemKv::open` fail.
 //! Never: interprets keys or values — layouts live in `keys.rs`.
 
 use std::collections::BTreeMap;
@@ -188,9 +190,28 @@ type MemMap = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
 /// one, and the batches written since the last sync in order: a synced write makes them all
 /// durable; a crash keeps the durable image plus, at most, a prefix of those batches (each
 /// batch whole, as a write-ahead log would).
+///
+/// Fault model (what RocksDB's write-ahead log does, with its per-record checksums and the
+/// default point-in-time recovery):
+/// - A crash may leave some unsynced batches on disk, in order; the first one not wholly
+///   written is *torn*. At open the store replays records while their checksums match and
+///   drops the first bad one and everything after it: a batch is visible whole or not at all,
+///   and nothing synced is ever lost (`crash_keeping`, `crash_tearing`).
+/// - Synced data can still rot on the medium. This model damages the record of the last
+///   synced batch (`corrupt_synced_tail`); its checksum no longer matches, and `open` refuses
+///   the store (`KvError::Corrupt`) rather than replay wrong state or silently drop synced
+///   writes (a Raft node that forgot a vote or an acknowledged entry breaks Raft's safety).
+///   The node then cannot start; it is replaced by a fresh one that recovers from its peers.
 #[derive(Default)]
 pub struct MemKv {
     inner: Mutex<MemInner>,
+}
+
+/// One write-ahead log record as it lies on disk: the operations and the checksum written
+/// with them.
+struct WalRecord {
+    ops: Vec<Op>,
+    sum: [u8; 32],
 }
 
 #[derive(Default)]
@@ -199,6 +220,10 @@ struct MemInner {
     durable: MemMap,
     /// Batches applied to `live` but not yet to `durable`, oldest first.
     unsynced: Vec<Vec<Op>>,
+    /// The last synced batch (its record stays in the write-ahead log until a flush).
+    synced_tail: Option<Vec<Op>>,
+    /// That record, damaged on disk (`corrupt_synced_tail`): what `open` finds.
+    damaged: Option<WalRecord>,
     /// While set, every write fails (a full or failing disk).
     failing: Option<String>,
     /// A slow disk: what each synced write costs.
@@ -227,6 +252,97 @@ fn apply(map: &mut MemMap, ops: &[Op]) {
     }
 }
 
+/// The checksum a write-ahead log record carries (RocksDB uses a CRC32C; any hash will do
+/// for the model).
+fn record_sum(ops: &[Op]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    let mut field = |b: &[u8]| {
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    for op in ops {
+        match op {
+            Op::Put(cf, k, v) => {
+                field(b"put");
+                field(cf.name().as_bytes());
+                field(k);
+                field(v);
+            }
+            Op::Delete(cf, k) => {
+                field(b"delete");
+                field(cf.name().as_bytes());
+                field(k);
+            }
+            Op::DeleteRange(cf, s, e) => {
+                field(b"delete_range");
+                field(cf.name().as_bytes());
+                field(s);
+                field(e);
+            }
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
+/// What recovery does with the records a crash left after the durable image: replays them in
+/// order while each checksum matches, and drops the first bad record and all after it.
+/// Returns how many records were replayed.
+fn replay(map: &mut MemMap, records: &[WalRecord]) -> usize {
+    let mut replayed = 0;
+    for r in records {
+        if record_sum(&r.ops) != r.sum {
+            break;
+        }
+        apply(map, &r.ops);
+        replayed += 1;
+    }
+    replayed
+}
+
+/// The record of `ops` as it would be on disk had the crash cut it halfway: the first half of
+/// its operations (a lone operation loses its value's second half) under the checksum of the
+/// whole batch.
+fn torn(ops: &[Op]) -> WalRecord {
+    let sum = record_sum(ops);
+    let mut part: Vec<Op> = ops[..ops.len() / 2].to_vec();
+    if part.is_empty() {
+        if let Some(Op::Put(cf, k, v)) = ops.first() {
+            part.push(Op::Put(*cf, k.clone(), v[..v.len() / 2].to_vec()));
+        }
+    }
+    WalRecord { ops: part, sum }
+}
+
+/// What a crash does to the log: the first `kept` unsynced batches reached the disk whole;
+/// with `tear`, the next one reached it in part.
+fn crash_records(unsynced: &[Vec<Op>], kept: usize, tear: bool) -> Vec<WalRecord> {
+    let kept = kept.min(unsynced.len());
+    let mut records: Vec<WalRecord> = unsynced[..kept]
+        .iter()
+        .map(|ops| WalRecord {
+            sum: record_sum(ops),
+            ops: ops.clone(),
+        })
+        .collect();
+    if tear {
+        if let Some(next) = unsynced.get(kept) {
+            records.push(torn(next));
+        }
+    }
+    records
+}
+
+/// What a simulated crash did to a `MemKv`'s unsynced batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrashReport {
+    /// Batches written since the last sync.
+    pub unsynced: usize,
+    /// Of those, batches recovery replayed (the rest are lost).
+    pub replayed: usize,
+    /// Whether a torn record was found (by its checksum) and dropped.
+    pub torn: bool,
+}
+
 impl MemKv {
     pub fn new() -> MemKv {
         MemKv::default()
@@ -240,14 +356,74 @@ impl MemKv {
     /// Simulated crash that keeps the first `kept` unsynced batches (they reached the disk
     /// before the power went); returns how many unsynced batches there were.
     pub fn crash_keeping(&self, kept: usize) -> usize {
+        self.crash_with(kept, false).unsynced
+    }
+
+    /// Simulated crash that keeps the first `kept` unsynced batches whole and tears the one
+    /// after (if any): recovery finds the torn record by its checksum and drops it, so the
+    /// store comes back exactly as `crash_keeping(kept)` leaves it.
+    pub fn crash_tearing(&self, kept: usize) -> CrashReport {
+        self.crash_with(kept, true)
+    }
+
+    fn crash_with(&self, kept: usize, tear: bool) -> CrashReport {
         let mut g = self.inner.lock().expect("memkv lock");
         let g = &mut *g;
-        let n = g.unsynced.len();
-        for ops in g.unsynced.drain(..).take(kept) {
-            apply(&mut g.durable, &ops);
-        }
+        let unsynced = std::mem::take(&mut g.unsynced);
+        let records = crash_records(&unsynced, kept, tear);
+        let replayed = replay(&mut g.durable, &records);
         g.live = g.durable.clone();
-        n
+        CrashReport {
+            unsynced: unsynced.len(),
+            replayed,
+            torn: replayed < records.len(),
+        }
+    }
+
+    /// Fault injection: the write-ahead log record of the last synced batch is damaged on
+    /// disk (one byte of it changes); `open` finds it by its checksum. False when no synced
+    /// batch is on record (nothing to damage). Call it while the store's process is down.
+    pub fn corrupt_synced_tail(&self) -> bool {
+        let mut g = self.inner.lock().expect("memkv lock");
+        let Some(ops) = g.synced_tail.clone() else {
+            return false;
+        };
+        // The checksum as written; computed here rather than on every write (same value).
+        let sum = record_sum(&ops);
+        let mut ops = ops;
+        let byte = ops.iter_mut().find_map(|op| match op {
+            Op::Put(_, _, v) if !v.is_empty() => v.last_mut(),
+            Op::Put(_, k, _) | Op::Delete(_, k) | Op::DeleteRange(_, k, _) => k.last_mut(),
+        });
+        match byte {
+            Some(b) => *b ^= 0x01,
+            None => ops.push(Op::Delete(Cf::SmMeta, b"torn".to_vec())),
+        }
+        g.damaged = Some(WalRecord { ops, sum });
+        true
+    }
+
+    /// What opening the store checks: every record it would replay matches its checksum.
+    /// A damaged synced record is `KvError::Corrupt`: the store is not opened.
+    pub fn open(&self) -> Result<(), KvError> {
+        let g = self.inner.lock().expect("memkv lock");
+        match &g.damaged {
+            Some(r) if record_sum(&r.ops) != r.sum => Err(KvError::Corrupt {
+                cf: Cf::RaftLog,
+                reason: "a synced write-ahead log record fails its checksum".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `open` would refuse this store.
+    pub fn is_corrupt(&self) -> bool {
+        self.open().is_err()
+    }
+
+    /// The disk is replaced by an empty one (a node rebuilt from scratch).
+    pub fn wipe(&self) {
+        *self.inner.lock().expect("memkv lock") = MemInner::default();
     }
 
     /// Makes every write fail with `reason` until called with `None`.
@@ -298,6 +474,7 @@ impl KvStore for MemKv {
         if sync {
             for ops in g.unsynced.drain(..) {
                 apply(&mut g.durable, &ops);
+                g.synced_tail = Some(ops);
             }
         }
         Ok(())
@@ -362,6 +539,53 @@ mod tests {
         kv.crash();
         assert!(kv.get(Cf::Tags, b"synced").unwrap().is_some());
         assert!(kv.get(Cf::Tags, b"lost").unwrap().is_none());
+    }
+
+    #[test]
+    fn mem_torn_record_is_dropped_whole_with_what_follows() {
+        let kv = MemKv::new();
+        let mut b = Batch::default();
+        b.put(Cf::Tags, b"synced".to_vec(), vec![1]);
+        kv.write(b, true).unwrap();
+        for (i, key) in ["kept", "torn", "after"].iter().enumerate() {
+            let mut b = Batch::default();
+            b.put(Cf::Tags, key.as_bytes().to_vec(), vec![i as u8; 8]);
+            b.put(Cf::Blobs, key.as_bytes().to_vec(), vec![i as u8; 8]);
+            kv.write(b, false).unwrap();
+        }
+        let r = kv.crash_tearing(1);
+        assert_eq!(
+            r,
+            CrashReport {
+                unsynced: 3,
+                replayed: 1,
+                torn: true
+            }
+        );
+        kv.open().unwrap();
+        assert!(kv.get(Cf::Tags, b"synced").unwrap().is_some());
+        assert!(kv.get(Cf::Tags, b"kept").unwrap().is_some());
+        assert!(kv.get(Cf::Blobs, b"kept").unwrap().is_some());
+        for key in ["torn", "after"] {
+            assert!(kv.get(Cf::Tags, key.as_bytes()).unwrap().is_none());
+            assert!(kv.get(Cf::Blobs, key.as_bytes()).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn mem_damaged_synced_record_refuses_open() {
+        let kv = MemKv::new();
+        assert!(!kv.corrupt_synced_tail(), "nothing synced yet");
+        let mut b = Batch::default();
+        b.put(Cf::RaftMeta, b"vote".to_vec(), vec![7; 16]);
+        kv.write(b, true).unwrap();
+        kv.crash();
+        kv.open().unwrap();
+        assert!(kv.corrupt_synced_tail());
+        assert!(matches!(kv.open(), Err(KvError::Corrupt { .. })));
+        kv.wipe();
+        kv.open().unwrap();
+        assert!(kv.get(Cf::RaftMeta, b"vote").unwrap().is_none());
     }
 
     #[test]

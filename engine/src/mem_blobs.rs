@@ -5,8 +5,11 @@
 //! checkpoint, and one never checkpointed may vanish.
 //!
 //! Owns: the durable/live split of upload bytes, injected disk failures, the chunk index and
-//! chunk locator of committed blobs, staged chunks.
-//! Never: sleeps or reads a clock — slow disks are modelled by the caller.
+//! chunk locator of committed blobs, staged chunks, and injected damage to stored copies:
+//! a flipped bit or a truncated blob (`flip_bit`, `truncate_blob`; the store does not notice,
+//! as a disk would not — `read_verified` does) and a volume replaced by an empty one (`wipe`).
+//! Never: sleeps or reads a clock — slow disks are modelled by the caller; picks what to
+//! damage (the caller does, from its seeded RNG).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -63,10 +66,16 @@ fn injected(what: &str, reason: &str) -> BlobError {
 }
 
 impl Inner {
-    /// Commits `bytes` as blob `d` with its chunk index (unless it is already here) and points
-    /// the locator of each chunk at it, unless the entry already names a blob still here.
+    /// Whether the copy of `d` here is exactly `bytes` (a copy to keep rather than rewrite).
+    fn holds(&self, d: &Digest, bytes: &[u8]) -> bool {
+        self.blobs.get(d).is_some_and(|b| b.as_ref() == bytes)
+    }
+
+    /// Commits `bytes` (verified against `d` by the caller) as blob `d` with its chunk index
+    /// (unless that copy is already here: a damaged one is replaced) and points the locator
+    /// of each chunk at it, unless the entry already names a blob still here.
     fn commit(&mut self, d: &Digest, bytes: Bytes, chunks: Vec<ChunkRef>) {
-        if self.blobs.contains_key(d) {
+        if self.holds(d, &bytes) {
             return;
         }
         self.blobs.insert(d.clone(), bytes);
@@ -131,9 +140,63 @@ impl MemBlobStore {
     }
 
     /// Digests of every committed blob, in order.
-    #[cfg(test)]
-    fn digests(&self) -> Vec<Digest> {
+    pub fn digests(&self) -> Vec<Digest> {
         self.lock().blobs.keys().cloned().collect()
+    }
+
+    /// Whether blob `d` is here and hashes to its digest (for checks made from outside the
+    /// node; the node itself reads through `read_verified`).
+    pub fn holds_intact(&self, d: &Digest) -> bool {
+        self.lock()
+            .blobs
+            .get(d)
+            .is_some_and(|b| Digest::of(d.algorithm(), b) == *d)
+    }
+
+    /// Fault injection: flips bit `bit` (modulo the blob's length in bits) of the stored copy
+    /// of `d`, as silent corruption on the medium would. False when the blob is absent or
+    /// empty.
+    pub fn flip_bit(&self, d: &Digest, bit: u64) -> bool {
+        let mut g = self.lock();
+        let Some(b) = g.blobs.get(d) else {
+            return false;
+        };
+        if b.is_empty() {
+            return false;
+        }
+        let bit = bit % (b.len() as u64 * 8);
+        let mut v = b.to_vec();
+        v[(bit / 8) as usize] ^= 1 << (bit % 8);
+        g.blobs.insert(d.clone(), Bytes::from(v));
+        true
+    }
+
+    /// Fault injection: the stored copy of `d` loses everything after `len_bytes` (a lost
+    /// extent, a torn rewrite). False when the blob is absent or not longer than that.
+    pub fn truncate_blob(&self, d: &Digest, len_bytes: u64) -> bool {
+        let mut g = self.lock();
+        let Some(b) = g.blobs.get(d) else {
+            return false;
+        };
+        if b.len() as u64 <= len_bytes {
+            return false;
+        }
+        let cut = b.slice(..len_bytes as usize);
+        g.blobs.insert(d.clone(), cut);
+        true
+    }
+
+    /// Fault injection: the volume is replaced by an empty one — committed blobs, chunk
+    /// indexes and locators, staged chunks and uploads are gone. Meant for a node that is
+    /// down; injected failures and latency stay as they were.
+    pub fn wipe(&self) {
+        let mut g = self.lock();
+        g.generation += 1;
+        g.blobs.clear();
+        g.chunk_indexes.clear();
+        g.chunk_locs.clear();
+        g.staged.clear();
+        g.uploads.clear();
     }
 
     /// Number of staged chunks.
@@ -250,11 +313,11 @@ impl BlobBackend for MemBlobStore {
         tmp_id: &str,
     ) -> Result<StoredBlob, BlobError> {
         let stored = crate::blob_store::verify_whole_blob(expected, bytes, tmp_id)?;
-        // Chunked outside the lock, and only for a blob not already here.
-        let chunks = (!self.lock().blobs.contains_key(expected)).then(|| chunk_all(bytes));
+        // Chunked outside the lock, and only for a blob not already here intact.
+        let chunks = (!self.lock().holds(expected, bytes)).then(|| chunk_all(bytes));
         let mut g = self.lock();
         Self::check_writable(&g, tmp_id)?;
-        if !g.blobs.contains_key(expected) {
+        if !g.holds(expected, bytes) {
             let chunks = chunks.unwrap_or_else(|| chunk_all(bytes));
             g.commit(expected, Bytes::copy_from_slice(bytes), chunks);
         }
@@ -443,7 +506,7 @@ impl BlobBackend for MemBlobStore {
             digest: d.clone(),
             size_bytes,
         };
-        if self.blob_len(d) == Some(size_bytes) {
+        if self.blob_len(d) == Some(size_bytes) && self.holds_intact(d) {
             let mut g = self.lock();
             // Like the file store: dropping the staged copies is best effort.
             if g.failing.is_none() {
@@ -552,6 +615,30 @@ mod tests {
         assert!(matches!(r, Err(BlobError::DigestMismatch { .. })));
         assert!(s.digests().is_empty());
         assert_eq!(s.uploads(), 0);
+    }
+
+    #[test]
+    fn damaged_copies_are_never_read_verified_and_are_replaced() {
+        let s = MemBlobStore::new();
+        let data = crate::blob_store::tests::pseudo_random(5000, 3);
+        let d = Digest::sha256_of(&data);
+        s.put_blob(&d, &data, "t1").unwrap();
+        assert_eq!(s.read_verified(&d).unwrap(), Bytes::from(data.clone()));
+        assert!(s.flip_bit(&d, 12_345));
+        assert!(!s.holds_intact(&d));
+        assert!(matches!(
+            s.read_verified(&d),
+            Err(BlobError::Corrupt { .. })
+        ));
+        assert_eq!(s.blob_len(&d), None, "quarantined");
+        s.put_blob(&d, &data, "t2").unwrap();
+        assert!(s.holds_intact(&d));
+        assert!(s.truncate_blob(&d, 10));
+        // Offered again while the damaged copy is still in place: the copy is replaced.
+        s.put_blob(&d, &data, "t3").unwrap();
+        assert_eq!(s.read_verified(&d).unwrap(), Bytes::from(data.clone()));
+        s.wipe();
+        assert!(s.digests().is_empty());
     }
 
     #[test]

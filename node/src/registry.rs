@@ -2,8 +2,13 @@
 //! machine, writes through Raft, blob bytes in the local blob store.
 //!
 //! Owns: upload sessions in flight (one writer per session, serialised by a lock), the order
-//! "bytes durable → command committed → client answered".
-//! Never: answers success for a write before its command is applied.
+//! "bytes durable → command committed → client answered", the repair worker (copies back to
+//! R on current members; this node's own recorded copies present), and the verified read of
+//! local blob copies (a copy that does not match its digest is quarantined, counted, and
+//! replaced from another holder).
+//! Never: answers success for a write before its command is applied; serves or ships to a
+//! peer blob bytes it has not verified against their digest (replicas pushed by `replicate`
+//! are verified by their receiver before they count).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -67,6 +72,9 @@ pub struct Bugs {
     pub lost_replica_tag_moves: bool,
     /// A tag move replicated from another region wins whatever its stamp.
     pub replica_tags_always_win: bool,
+    /// A push is acknowledged once quorum − 1 copies are durable (one short of the write
+    /// quorum).
+    pub ack_quorum_minus_one: bool,
 }
 
 /// Bounds the blob bytes a node has in flight to its peers (`replication_inflight_bytes_max`)
@@ -135,6 +143,8 @@ pub struct NodeRegistry<P: Platform = Production> {
     /// `raft.write_timeout_ms`.
     write_timeout: std::time::Duration,
     pub replication: ReplicationGate,
+    /// Local blob copies found not to match their digest (quarantined), for `/metrics`.
+    pub corrupt_copies: std::sync::atomic::AtomicU64,
     /// Other regions to read through from (cross-region replication configured).
     read_through: std::sync::OnceLock<Arc<dyn ReadThrough>>,
     /// The read-index floor of a node that started as the leader of its old term.
@@ -203,6 +213,7 @@ fn blob_err(e: BlobError) -> ApiError {
         }
         BlobError::BlobUnknown(d) => ApiError::BlobUnknown(d),
         e @ (BlobError::Io { .. }
+        | BlobError::Corrupt { .. }
         | BlobError::CorruptState { .. }
         | BlobError::ChunkMissing(_)
         | BlobError::ChunkInvalid(_)) => internal(e),
@@ -245,6 +256,7 @@ impl<P: Platform> NodeRegistry<P> {
             peers,
             write_timeout,
             replication,
+            corrupt_copies: std::sync::atomic::AtomicU64::new(0),
             sessions: std::sync::Mutex::new(HashMap::new()),
             proposals,
             read_through: std::sync::OnceLock::new(),
@@ -515,10 +527,20 @@ impl<P: Platform> NodeRegistry<P> {
         let members = self.members();
         let ids: Vec<u64> = members.iter().map(|(id, _)| *id).collect();
         let targets = placement::holders(&ids, digest);
-        let quorum = placement::write_quorum(targets.len());
-        let bytes = self.local_blob_bytes(digest).await?.ok_or_else(|| {
-            ApiError::Internal(format!("blob {digest} vanished before replication"))
-        })?;
+        let mut quorum = placement::write_quorum(targets.len());
+        if self.bugs.ack_quorum_minus_one {
+            quorum = quorum.saturating_sub(1).max(1);
+        }
+        // Unverified: the bytes were verified as they were written a moment ago, and each
+        // receiver verifies its replica before it counts (`store_replica`).
+        let store = self.blobs.clone();
+        let d = digest.clone();
+        let bytes = self
+            .blocking(move || store.read_blob(&d).map_err(blob_err))
+            .await
+            .map_err(|e| {
+                ApiError::Internal(format!("blob {digest} unreadable before replication: {e}"))
+            })?;
         // Each copy is sent by its own task; the push is answered as soon as a quorum is
         // durable, and slower copies finish in the background (an unreachable peer costs the
         // client nothing while a quorum is up).
@@ -555,16 +577,29 @@ impl<P: Platform> NodeRegistry<P> {
         Ok(holders)
     }
 
-    /// A committed blob's bytes from this node's store (a memory map), if it holds them.
+    /// A committed blob's bytes from this node's store (a memory map), verified against the
+    /// digest, if it holds a good copy. A copy that does not match is quarantined by the
+    /// store, logged and counted here, and reported as absent: callers fetch a good copy
+    /// from another holder (`ensure_local`) or answer that they have none (a peer asking).
     pub async fn local_blob_bytes(&self, digest: &Digest) -> Result<Option<Bytes>, ApiError> {
         let store = self.blobs.clone();
-        let digest = digest.clone();
-        self.blocking(move || match store.read_blob(&digest) {
+        let d = digest.clone();
+        let read = self.disk(move || store.read_verified(&d)).await;
+        match read {
             Ok(bytes) => Ok(Some(bytes)),
             Err(BlobError::BlobUnknown(_)) => Ok(None),
+            Err(BlobError::Corrupt { actual, .. }) => {
+                self.corrupt_copies
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    %digest,
+                    %actual,
+                    "local blob copy does not match its digest; quarantined, to be fetched again"
+                );
+                Ok(None)
+            }
             Err(e) => Err(blob_err(e)),
-        })
-        .await
+        }
     }
 
     /// Stores a replica sent by a peer: streamed to disk, verified, fsynced.
@@ -581,7 +616,11 @@ impl<P: Platform> NodeRegistry<P> {
                 limit_bytes: self.limits.blob_bytes_max,
             });
         }
-        if self.blobs.blob_len(&digest) == Some(size_bytes) {
+        // A copy already here counts only if it is intact (else it is quarantined and this
+        // replica takes its place).
+        if self.blobs.blob_len(&digest) == Some(size_bytes)
+            && self.local_blob_bytes(&digest).await?.is_some()
+        {
             return Ok(());
         }
         let id = crate::rt::new_id();
@@ -625,8 +664,9 @@ impl<P: Platform> NodeRegistry<P> {
         Ok(())
     }
 
-    /// A committed blob's bytes, fetched from a holder in the region first if this node
-    /// lacks them.
+    /// A committed blob's bytes, verified, fetched from a holder in the region first if this
+    /// node lacks them or its copy is corrupt. Never bytes that do not match the digest: with
+    /// no good copy reachable, an error.
     pub async fn ensure_local(&self, digest: &Digest) -> Result<Bytes, ApiError> {
         if let Some(b) = self.local_blob_bytes(digest).await? {
             return Ok(b);
@@ -1461,16 +1501,33 @@ impl<P: Platform> NodeRegistry<P> {
         !self.raft_stopped() && self.raft.metrics().borrow().current_leader == Some(self.node_id)
     }
 
-    /// The repair worker: a full pass every `every`, one bounded step at a time, doing work
-    /// on the leader only (followers' steps return at once). Runs until its task is stopped.
+    /// The repair worker: two passes, each every `every`, one bounded step at a time, side
+    /// by side (a slow leader pass — copies to an unreachable peer wait out their timeout —
+    /// must not hold up the other): this node's own recorded copies (every node:
+    /// `holdings_step`), and, on the leader only, every blob back to R copies on members
+    /// (`repair_step`). Runs until its task is stopped.
     pub async fn repair_loop(self: Arc<Self>, every: std::time::Duration) {
+        tokio::join!(
+            self.repair_passes(every, false),
+            self.repair_passes(every, true)
+        );
+    }
+
+    async fn repair_passes(&self, every: std::time::Duration, leader_pass: bool) {
+        let name = if leader_pass { "repair" } else { "holdings" };
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let mut cursor = None;
             let mut repaired = 0;
             for _ in 0..REPAIR_STEPS_PER_PASS_MAX {
-                match self.repair_step(&mut cursor).await {
+                let step = if leader_pass {
+                    self.repair_step(&mut cursor).await
+                } else {
+                    self.holdings_step(&mut cursor).await
+                };
+                match step {
                     Ok(s) => {
                         repaired += s.repaired;
                         if s.done {
@@ -1478,15 +1535,66 @@ impl<P: Platform> NodeRegistry<P> {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "repair step failed");
+                        tracing::warn!(error = %e, pass = name, "repair step failed");
                         break;
                     }
                 }
             }
             if repaired > 0 {
-                tracing::info!(repaired, "repair restored blob copies");
+                tracing::info!(repaired, pass = name, "repair restored blob copies");
             }
         }
+    }
+
+    /// One step of the holdings check (run on every node): examines a batch of blobs after
+    /// `cursor` and, for each the region records this node as holding but whose copy is not
+    /// here whole (a volume lost or replaced, a copy quarantined), fetches it again from
+    /// another holder. Without it, the leader's repair — which counts holders, not copies —
+    /// would never notice a holder that lost its copy. Checks presence and size only (a stat
+    /// per blob); a copy damaged in place is found when it is next read (`read_verified`).
+    pub async fn holdings_step(&self, cursor: &mut Option<Digest>) -> Result<RepairStep, ApiError> {
+        let mut step = RepairStep::default();
+        if self.peers.is_none() {
+            step.done = true;
+            return Ok(step);
+        }
+        let batch = self
+            .state()
+            .blobs_after(cursor.as_ref(), REPAIR_BATCH_BLOBS)
+            .map_err(state_err)?;
+        if batch.len() < REPAIR_BATCH_BLOBS {
+            step.done = true;
+        }
+        *cursor = if step.done {
+            None
+        } else {
+            batch.last().map(|(d, _)| d.clone())
+        };
+        for (digest, rec) in batch {
+            step.examined += 1;
+            if !rec.holders.contains(&self.node_id)
+                || self.blobs.blob_len(&digest) == Some(rec.size_bytes)
+            {
+                continue;
+            }
+            // A copy of the wrong size is damaged: out of the way before a good one comes.
+            if self.blobs.blob_len(&digest).is_some() {
+                let store = self.blobs.clone();
+                let d = digest.clone();
+                self.blocking(move || store.quarantine_blob(&d).map_err(blob_err))
+                    .await?;
+                self.corrupt_copies
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(%digest, "local blob copy has the wrong size; quarantined");
+            }
+            match self.fetch_from_holders(&digest).await {
+                Ok(()) => step.repaired += 1,
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, "holdings: recorded copy missing here, not fetched")
+                }
+            }
+        }
+        Ok(step)
     }
 
     /// One step of the repair worker (run on the leader): examines a batch of blobs after
@@ -1566,6 +1674,20 @@ impl<P: Platform> NodeRegistry<P> {
                         }
                     }
                 }
+            }
+            // Never record fewer holders than a write quorum while the old record names more:
+            // a holder outside the membership now (removed for a while) still has its copy,
+            // and may be the only one left if the copies made here are lost.
+            if live.len() < placement::write_quorum(r) {
+                for h in &rec.holders {
+                    if !live.contains(h) {
+                        live.push(*h);
+                    }
+                }
+            }
+            live.sort_unstable();
+            if live == rec.holders {
+                continue;
             }
             match self
                 .propose(Command::BlobHoldersSet {

@@ -576,6 +576,13 @@ async fn metrics(State(st): State<Arc<StatusState>>) -> impl IntoResponse {
             .bytes_inflight
             .load(std::sync::atomic::Ordering::Relaxed),
     );
+    out.push_str(&format!(
+        "# HELP {n} Local blob copies found not to match their digest (quarantined, fetched again).\n# TYPE {n} counter\n{n} {}\n",
+        st.registry
+            .corrupt_copies
+            .load(std::sync::atomic::Ordering::Relaxed),
+        n = "portolan_blob_copies_corrupt_total",
+    ));
     g(
         &mut out,
         "portolan_upload_sessions_open",

@@ -3,7 +3,10 @@
 //!
 //! A node's "process" is its `TaskScope`: every task it runs (Raft, replication, requests it
 //! serves) belongs to the scope, and a crash stops them all at once. Its "disk" (`MemKv`,
-//! `MemBlobStore`) outlives the process and loses what was not synced.
+//! `MemBlobStore`) outlives the process and loses what was not synced. Starting a node opens
+//! its metadata store first, as RocksDB would: a store that fails its checksums refuses to
+//! open and the node does not start. A node rebuilt from scratch (`wipe`) starts empty and
+//! never bootstraps its region again: it joins through a membership change.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -83,6 +86,10 @@ pub struct SimNode {
     pub blobs: MemBlobStore,
     pub clock: Arc<SimClock>,
     pub up: Option<Running>,
+    /// Whether this node initializes its region's Raft group when it starts uninitialized:
+    /// the first node of each region, until it has done so once. A node wiped later joins
+    /// through a membership change instead (bootstrapping again would found a second group).
+    pub bootstrap: bool,
 }
 
 /// Every node of every region, and the network between them.
@@ -141,6 +148,7 @@ impl Cluster {
                         blobs: MemBlobStore::new(),
                         clock: Arc::new(SimClock::new(start)),
                         up: None,
+                        bootstrap: n == 0,
                     },
                 );
                 region.push(id);
@@ -180,14 +188,22 @@ impl Cluster {
 
     /// Starts (or restarts) a node's process on its disk.
     pub async fn start(&self, id: NodeId) -> Result<(), String> {
-        let (kv, blobs, clock, region) = {
+        let (kv, blobs, clock, region, bootstrap) = {
             let g = self.lock();
             let n = &g[&id];
             if n.up.is_some() {
                 return Ok(());
             }
-            (n.kv.clone(), n.blobs.clone(), n.clock.clone(), n.region)
+            (
+                n.kv.clone(),
+                n.blobs.clone(),
+                n.clock.clone(),
+                n.region,
+                n.bootstrap,
+            )
         };
+        kv.open()
+            .map_err(|e| format!("node {id} cannot open its metadata store: {e}"))?;
         let scope = Arc::new(TaskScope::default());
         let transport = Arc::new(SimTransport {
             me: id,
@@ -228,6 +244,7 @@ impl Cluster {
         registry.bugs.stale_leader_reads = self.bug == Some(Bug::StaleLeaderReads);
         registry.bugs.lost_replica_tag_moves = self.bug == Some(Bug::LostReplicaTagMoves);
         registry.bugs.replica_tags_always_win = self.bug == Some(Bug::ReplicaTagsAlwaysWin);
+        registry.bugs.ack_quorum_minus_one = self.bug == Some(Bug::AckQuorumMinusOne);
         let registry = Arc::new(registry);
         let peer = Arc::new(NodePeer::<SimPlatform>::new(Duration::from_millis(
             self.config.raft.learner_catch_up_ms,
@@ -268,8 +285,7 @@ impl Cluster {
                 .repair_loop(REPAIR_INTERVAL)
                 .instrument(span.clone()),
         );
-        let first_of_region = self.regions[region][0] == id;
-        if first_of_region && !raft.is_initialized().await.map_err(|e| e.to_string())? {
+        if bootstrap && !raft.is_initialized().await.map_err(|e| e.to_string())? {
             let members: BTreeMap<NodeId, NodeInfo> = self.regions[region]
                 .iter()
                 .map(|m| (*m, node_info(*m)))
@@ -278,6 +294,9 @@ impl Cluster {
                 scope.abort_all();
                 return Err(format!("bootstrap region {region}: {e}"));
             }
+        }
+        if bootstrap {
+            self.lock().get_mut(&id).expect("node exists").bootstrap = false;
         }
         self.net.attach(id, peer, scope.clone());
         if let Some(g) = geo_server {
@@ -308,6 +327,36 @@ impl Cluster {
             kept = kept_unsynced.min(unsynced),
             "crashed"
         );
+    }
+
+    /// Like `crash`, but the metadata batch after the `kept_unsynced` ones was half written
+    /// when the power went: the store finds it torn by its checksum and drops it (and the
+    /// rest). Returns whether a torn record was found.
+    pub fn crash_tearing(&self, id: NodeId, kept_unsynced: usize) -> bool {
+        self.net.detach(id);
+        let mut g = self.lock();
+        let n = g.get_mut(&id).expect("node exists");
+        if let Some(up) = n.up.take() {
+            up.scope.abort_all();
+        }
+        let r = n.kv.crash_tearing(kept_unsynced);
+        n.blobs.crash();
+        tracing::info!(node = id, ?r, "crashed with a torn metadata record");
+        r.torn
+    }
+
+    /// Replaces a node's disks (metadata and blobs) with empty ones. The node must be down.
+    pub fn wipe(&self, id: NodeId) {
+        let g = self.lock();
+        let n = &g[&id];
+        assert!(n.up.is_none(), "node {id} is wiped while up");
+        n.kv.wipe();
+        n.blobs.wipe();
+    }
+
+    /// Whether a node's metadata store would refuse to open.
+    pub fn kv_corrupt(&self, id: NodeId) -> bool {
+        self.lock()[&id].kv.is_corrupt()
     }
 
     /// Runs `f` against a node's registry as a request that node serves: a task of its

@@ -2,6 +2,34 @@
 //!
 //! Every fault is drawn from the seeded RNG; every fault checks that the safety phase is
 //! still on before it strikes, so the liveness phase starts from a healed cluster.
+//!
+//! Owns: the fault kinds and their schedules, the bound that keeps storage faults within what
+//! the promises survive, and the checks a fault makes on the spot (a node must not start on a
+//! corrupt metadata store; a damaged blob copy must never be served).
+//! Never: heals a storage fault by hand — a lost or damaged copy comes back only through the
+//! node's own repair (holdings check, verified reads, the leader's repair worker).
+//!
+//! ## Storage faults and the minority bound
+//! Promise 1 holds against the loss of any minority of a region's copies. Crashes, power
+//! loss, failing or full disks and torn unsynced metadata tails lose nothing that was synced
+//! (an fsynced blob, a synced metadata batch), so they do not count against the bound: they
+//! make copies unreachable for a while, which may fail requests but never loses what was
+//! acknowledged. What counts is a copy lost or damaged, or out of reach for long:
+//! - `BlobVolumeLost`: every blob copy of one node;
+//! - `BlobBitFlip`, `BlobTruncated`: one copy of one blob on one node;
+//! - `MetadataCorrupted`: everything one node stored (it is rebuilt from scratch);
+//! - `MembershipChange`: the copies of a member removed from the region (not counted by the
+//!   region while it is out).
+//!
+//! Each of these takes its region's slot (`Sim::copies_affected`) before it strikes and gives
+//! it back only once the node it struck holds again, whole, every blob the region records it
+//! as holding (for `MembershipChange`: once the node is a voter again). So at most one node
+//! per region has copies lost or out of reach at any time: with R = 3 copies and a write
+//! quorum of 2, every acknowledged blob keeps an intact copy on another recorded holder, and
+//! the region's repair can restore the rest. A fault whose node is not repaired before the
+//! safety phase ends keeps its slot: no further copy loss in that region for the run.
+//! Raft state is never lost by these faults except whole, with the node removed from its
+//! group first (a node that forgot its vote must not vote in the terms it voted in).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +68,21 @@ pub enum FaultKind {
     SlowDisk,
     /// A follower is removed from its region, then added back (learner, catch-up, voter).
     MembershipChange,
+    /// A node's blob volume is replaced by an empty one: the node crashes and restarts on it.
+    /// Half the time the region's other blob volumes are full first (blob writes fail,
+    /// metadata writes work) and the volume is lost as that window ends: what was
+    /// acknowledged while only this node could take blobs must have been refused.
+    BlobVolumeLost,
+    /// One bit of one stored blob flips on one node.
+    BlobBitFlip,
+    /// A stored blob on one node loses its tail.
+    BlobTruncated,
+    /// A node crashes while its next unsynced metadata batch is half written: the store finds
+    /// the torn record by its checksum at open and drops it and what follows.
+    MetadataTornTail,
+    /// A synced record of a node's metadata store is damaged: the node refuses to start and
+    /// is replaced (removed from its region, wiped, added back empty), recovering from peers.
+    MetadataCorrupted,
 }
 
 /// How hard the nemesis hits.
@@ -71,6 +114,12 @@ impl Intensity {
                 ClockSkew,
                 SlowDisk,
                 MembershipChange,
+                BlobVolumeLost,
+                BlobVolumeLost,
+                BlobBitFlip,
+                BlobTruncated,
+                MetadataTornTail,
+                MetadataCorrupted,
             ],
         };
         if regions > 1 && self != Intensity::None {
@@ -287,6 +336,10 @@ async fn strike(sim: Arc<Sim>, kind: FaultKind) {
             let Some(target) = pick(&others) else {
                 return;
             };
+            // A removed member's copies are out of reach: this counts against the bound.
+            if !take_slot(&sim, region) {
+                return;
+            }
             sim.count_fault(kind);
             sim.trace(format!(
                 "nemesis: removing node {target} from region {region}"
@@ -296,8 +349,35 @@ async fn strike(sim: Arc<Sim>, kind: FaultKind) {
                 Err(e) => sim.trace(format!("nemesis: removing node {target} failed: {e}")),
             }
             tokio::time::sleep(ms(1_000..8_000)).await;
-            readd_removed(&sim, region, 10).await;
+            if readd_removed(&sim, region, 10).await {
+                release_slot(&sim, region);
+            }
         }
+        FaultKind::BlobVolumeLost => blob_volume_lost(&sim, region, victim).await,
+        FaultKind::BlobBitFlip | FaultKind::BlobTruncated => {
+            damage_blob(&sim, kind, region, victim).await
+        }
+        FaultKind::MetadataTornTail => {
+            if !c.is_up(victim) {
+                return;
+            }
+            let kept = rt::with_rng(|r| r.gen_range(0..3));
+            let torn = c.crash_tearing(victim, kept);
+            if torn {
+                sim.count_fault(kind);
+            }
+            sim.trace(format!(
+                "nemesis: node {victim} crashed{}",
+                if torn {
+                    " with a metadata batch half written"
+                } else {
+                    ""
+                }
+            ));
+            tokio::time::sleep(ms(100..5_000)).await;
+            restart(&sim, victim).await;
+        }
+        FaultKind::MetadataCorrupted => metadata_corrupted(&sim, region, victim).await,
         FaultKind::ClockSkew => {
             sim.count_fault(kind);
             let skew = rt::with_rng(|r| r.gen_range(-300_000..300_000));
@@ -339,15 +419,354 @@ pub fn crash(sim: &Sim, id: NodeId) {
 }
 
 /// Restarts a node. A node whose disk works must start; one whose disk the nemesis is
-/// failing may refuse to, and stays down until that fault ends and restarts it.
+/// failing may refuse to, and stays down until that fault ends and restarts it; one whose
+/// metadata store is corrupt must refuse to, and stays down until it is replaced.
 pub async fn restart(sim: &Sim, id: NodeId) {
     match sim.cluster.start(id).await {
         Ok(()) => sim.trace(format!("node {id} restarted")),
         Err(e) if sim.cluster.disk_failing(id) => {
             sim.trace(format!("node {id} did not start on its failing disk: {e}"))
         }
+        Err(e) if sim.cluster.kv_corrupt(id) => sim.trace(format!(
+            "node {id} refuses to start on its corrupt metadata store: {e}"
+        )),
         Err(e) => sim.violation(format!("node {id} failed to restart: {e}")),
     }
+}
+
+/// Takes `region`'s slot for a fault that affects copies; false if another fault holds it.
+fn take_slot(sim: &Sim, region: usize) -> bool {
+    sim.copies_affected
+        .lock()
+        .expect("copies lock")
+        .insert(region)
+}
+
+fn release_slot(sim: &Sim, region: usize) {
+    sim.copies_affected
+        .lock()
+        .expect("copies lock")
+        .remove(&region);
+}
+
+/// The blobs (digest, size) that `region`'s state records node `id` as holding, read from
+/// the member that has applied the most (the records that matter are the newest).
+fn recorded_holdings(sim: &Sim, region: usize, id: NodeId) -> Vec<(engine::Digest, u64)> {
+    let c = &sim.cluster;
+    let Some(source) = c.regions[region]
+        .iter()
+        .filter_map(|m| {
+            let up = c.running(*m)?;
+            let applied = up.raft.metrics().borrow().last_applied.map(|l| l.index);
+            Some((applied, *m))
+        })
+        .max()
+        .map(|(_, m)| m)
+    else {
+        return Vec::new();
+    };
+    let kv = c.lock()[&source].kv.clone();
+    let state = engine::state::State::new(kv.as_ref());
+    let mut out = Vec::new();
+    let mut cursor = None;
+    loop {
+        let Ok(batch) = state.blobs_after(cursor.as_ref(), 1024) else {
+            return out;
+        };
+        let full = batch.len() == 1024;
+        cursor = batch.last().map(|(d, _)| d.clone());
+        out.extend(
+            batch
+                .into_iter()
+                .filter(|(_, rec)| rec.holders.contains(&id))
+                .map(|(d, rec)| (d, rec.size_bytes)),
+        );
+        if !full {
+            return out;
+        }
+    }
+}
+
+/// The blobs node `id` is recorded as holding but does not hold whole (`damaged`, if given,
+/// must also hash to its digest: a flipped bit keeps the size). `None` while it is down.
+fn missing_copies(
+    sim: &Sim,
+    region: usize,
+    id: NodeId,
+    damaged: Option<&engine::Digest>,
+) -> Option<Vec<engine::Digest>> {
+    if !sim.cluster.is_up(id) {
+        return None;
+    }
+    let blobs = sim.cluster.lock()[&id].blobs.clone();
+    use engine::blob_store::BlobBackend;
+    Some(
+        recorded_holdings(sim, region, id)
+            .into_iter()
+            .filter(|(d, size)| {
+                blobs.blob_len(d) != Some(*size) || (Some(d) == damaged && !blobs.holds_intact(d))
+            })
+            .map(|(d, _)| d)
+            .collect(),
+    )
+}
+
+/// Waits until the node a fault struck is repaired, then gives the region's slot back; keeps
+/// it if the safety phase ends first. `damaged` is read through the node each time (reading
+/// is what finds a damaged copy that kept its size).
+async fn release_when_repaired(
+    sim: &Sim,
+    region: usize,
+    id: NodeId,
+    damaged: Option<(&str, &engine::Digest)>,
+) {
+    let mut missing = None;
+    while sim.faults_on() {
+        missing = missing_copies(sim, region, id, damaged.map(|(_, d)| d));
+        if missing.as_ref().is_some_and(|m| m.is_empty()) {
+            sim.trace(format!(
+                "nemesis: node {id} holds every blob it is recorded as holding again"
+            ));
+            release_slot(sim, region);
+            return;
+        }
+        if let Some((repo, d)) = damaged {
+            read_damaged(sim, id, repo, d).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let missing = match missing {
+        Some(m) => format!(
+            "{} recorded copies missing, first {:?}",
+            m.len(),
+            m.iter().take(3).map(|d| d.to_string()).collect::<Vec<_>>()
+        ),
+        None => "down".into(),
+    };
+    sim.trace(format!(
+        "nemesis: node {id} not confirmed repaired before the safety phase ended ({missing}); region {region} takes no further copy loss"
+    ));
+}
+
+/// Reads blob `d` through node `id` right after its copy there was damaged: the node must
+/// answer the right bytes (repaired from another holder) or an error, never what it stored.
+async fn read_damaged(sim: &Sim, id: NodeId, repo: &str, d: &engine::Digest) {
+    use registry_api::Registry;
+    let (r, d2) = (crate::workload::parse_repo(repo), d.clone());
+    let got = tokio::time::timeout(
+        crate::workload::OP_TIMEOUT,
+        sim.cluster.request(id, move |reg| async move {
+            reg.blob_content(engine::AccountId::DEFAULT, &r, &d2).await
+        }),
+    )
+    .await;
+    match got {
+        Ok(Ok(Ok(content))) => {
+            let h = engine::Digest::of(d.algorithm(), &content.bytes);
+            if h == *d {
+                sim.trace(format!(
+                    "nemesis: node {id} served {d} whole after its copy was damaged"
+                ));
+            } else {
+                sim.violation(format!(
+                    "served corrupt bytes: node {id} served its damaged copy of {repo}@{d} (bytes hash to {h})"
+                ));
+            }
+        }
+        Ok(Ok(Err(e))) => sim.trace(format!(
+            "nemesis: node {id} refused {d} after its copy was damaged: {e}"
+        )),
+        Ok(Err(e)) => sim.trace(format!("nemesis: reading {d} from node {id}: {e}")),
+        Err(_) => sim.trace(format!("nemesis: reading {d} from node {id} timed out")),
+    }
+}
+
+/// `FaultKind::BlobVolumeLost` on `victim`.
+async fn blob_volume_lost(sim: &Sim, region: usize, victim: NodeId) {
+    let c = &sim.cluster;
+    if !c.is_up(victim) || !take_slot(sim, region) {
+        return;
+    }
+    sim.count_fault(FaultKind::BlobVolumeLost);
+    let others: Vec<NodeId> = c.regions[region]
+        .iter()
+        .copied()
+        .filter(|m| *m != victim)
+        .collect();
+    // The other volumes fill up first (half the time), unless a disk fault is on them.
+    let fill = rt::with_rng(|r| r.gen_bool(0.5)) && others.iter().all(|o| !c.disk_failing(*o));
+    if fill {
+        sim.trace(format!(
+            "nemesis: blob volumes of {others:?} full; only node {victim} takes blobs"
+        ));
+        for o in &others {
+            c.lock()[o]
+                .blobs
+                .set_failing(Some("no space left on device (blob volume)".into()));
+        }
+        tokio::time::sleep(ms(2_000..8_000)).await;
+    }
+    // Crash and wipe at once: nothing may restart the node on its old volume in between.
+    if c.is_up(victim) {
+        crash(sim, victim);
+    }
+    c.lock()[&victim].blobs.wipe();
+    sim.trace(format!("nemesis: blob volume of node {victim} lost"));
+    if fill {
+        for o in &others {
+            c.lock()[o].blobs.set_failing(None);
+        }
+        sim.trace(format!(
+            "nemesis: blob volumes of {others:?} have room again"
+        ));
+    }
+    tokio::time::sleep(ms(100..3_000)).await;
+    restart(sim, victim).await;
+    release_when_repaired(sim, region, victim, None).await;
+}
+
+/// `FaultKind::BlobBitFlip` or `FaultKind::BlobTruncated` on one acknowledged blob that
+/// `victim` holds.
+async fn damage_blob(sim: &Sim, kind: FaultKind, region: usize, victim: NodeId) {
+    let c = &sim.cluster;
+    if !c.is_up(victim) {
+        return;
+    }
+    use engine::blob_store::BlobBackend;
+    let blobs = c.lock()[&victim].blobs.clone();
+    let candidates: Vec<(String, engine::Digest)> = sim
+        .model
+        .lock()
+        .expect("model lock")
+        .blobs
+        .iter()
+        .filter(|(r, _, d)| *r == region && blobs.blob_len(d).is_some_and(|n| n > 1))
+        .map(|(_, repo, d)| (repo.clone(), d.clone()))
+        .collect();
+    let Some((repo, d)) = pick(&candidates) else {
+        return;
+    };
+    if !take_slot(sim, region) {
+        return;
+    }
+    let len = blobs.blob_len(&d).unwrap_or(0);
+    let done = if kind == FaultKind::BlobBitFlip {
+        let bit = rt::with_rng(|r| r.gen_range(0..len * 8));
+        blobs.flip_bit(&d, bit)
+    } else {
+        let keep = rt::with_rng(|r| r.gen_range(0..len));
+        blobs.truncate_blob(&d, keep)
+    };
+    if !done {
+        release_slot(sim, region);
+        return;
+    }
+    sim.count_fault(kind);
+    sim.trace(format!(
+        "nemesis: copy of {d} on node {victim} damaged ({kind:?})"
+    ));
+    read_damaged(sim, victim, &repo, &d).await;
+    release_when_repaired(sim, region, victim, Some((&repo, &d))).await;
+}
+
+/// `FaultKind::MetadataCorrupted` on `victim`: the node must refuse to start; it is then
+/// replaced by an empty node that recovers from its peers.
+async fn metadata_corrupted(sim: &Sim, region: usize, victim: NodeId) {
+    let c = &sim.cluster;
+    if !c.is_up(victim) || c.regions[region].len() < 3 {
+        return;
+    }
+    // Replacing a node removes it from the group: every other member must be a voter.
+    let Some(leader) = c.self_declared_leader(region) else {
+        return;
+    };
+    if voters(sim, leader).len() < c.regions[region].len() || !take_slot(sim, region) {
+        return;
+    }
+    crash(sim, victim);
+    if !c.lock()[&victim].kv.corrupt_synced_tail() {
+        release_slot(sim, region);
+        restart(sim, victim).await;
+        return;
+    }
+    sim.count_fault(FaultKind::MetadataCorrupted);
+    sim.trace(format!(
+        "nemesis: a synced record of node {victim}'s metadata store is damaged"
+    ));
+    tokio::time::sleep(ms(100..2_000)).await;
+    match c.start(victim).await {
+        Ok(()) => {
+            sim.violation(format!(
+                "node {victim} started on a metadata store whose synced record fails its checksum"
+            ));
+            release_slot(sim, region);
+            return;
+        }
+        Err(e) => sim.trace(format!("nemesis: node {victim} refuses to start: {e}")),
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    if replace_node(sim, region, victim, deadline).await {
+        release_when_repaired(sim, region, victim, None).await;
+    }
+}
+
+/// Replaces a node that lost its disks (or cannot open them): removes it from its region
+/// through the leader, wipes it, starts it empty and adds it back (learner, catch-up, voter).
+/// The removal is committed before the wipe, so no member counts the forgetful node's vote
+/// until it has learnt the current term from the leader. True once it is a voter again;
+/// gives up at `deadline`, leaving the node down (or removed) for a later attempt.
+pub async fn replace_node(
+    sim: &Sim,
+    region: usize,
+    id: NodeId,
+    deadline: tokio::time::Instant,
+) -> bool {
+    let c = &sim.cluster;
+    loop {
+        if tokio::time::Instant::now() >= deadline {
+            sim.trace(format!("nemesis: node {id} could not be removed in time"));
+            return false;
+        }
+        if let Some(leader) = c.self_declared_leader(region).filter(|l| *l != id) {
+            let members: Vec<NodeId> = c.running(leader).map_or_else(Vec::new, |up| {
+                up.raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .map(|(n, _)| *n)
+                    .collect()
+            });
+            if !members.is_empty() && !members.contains(&id) {
+                break;
+            }
+            match change_membership(sim, leader, id, false).await {
+                Ok(()) => {
+                    sim.trace(format!("nemesis: node {id} removed to be replaced"));
+                    break;
+                }
+                Err(e) => sim.trace(format!("nemesis: removing node {id} failed: {e}")),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if c.is_up(id) {
+        crash(sim, id);
+    }
+    c.wipe(id);
+    sim.trace(format!("nemesis: node {id} wiped (metadata and blobs)"));
+    if let Err(e) = c.start(id).await {
+        sim.violation(format!("node {id} did not start on empty disks: {e}"));
+        return false;
+    }
+    while tokio::time::Instant::now() < deadline {
+        if readd_removed(sim, region, 1).await {
+            sim.trace(format!("nemesis: node {id} replaced"));
+            return true;
+        }
+    }
+    false
 }
 
 /// Adds or removes `target` through the current leader `via` (as a request it serves).

@@ -61,6 +61,8 @@ pub enum Bug {
     LostReplicaTagMoves,
     /// A tag move from another region always wins, whatever its stamp (no last-writer-wins).
     ReplicaTagsAlwaysWin,
+    /// A push is acknowledged once quorum − 1 blob copies are durable.
+    AckQuorumMinusOne,
 }
 
 /// One run's parameters.
@@ -146,6 +148,9 @@ pub struct Sim {
     counters: Mutex<Counters>,
     violations: Mutex<Vec<String>>,
     pub(crate) faults_active: AtomicUsize,
+    /// Regions where a fault has copies out of reach or lost right now (see `faults`, "the
+    /// minority bound"): at most one such fault per region at a time.
+    pub(crate) copies_affected: Mutex<BTreeSet<usize>>,
 }
 
 /// Violations found, readable.
@@ -354,6 +359,7 @@ async fn run_inner(config: SimConfig) -> Summary {
         counters: Mutex::default(),
         violations: Mutex::default(),
         faults_active: AtomicUsize::new(0),
+        copies_affected: Mutex::default(),
     });
     sim.trace(format!("start: {config:?}"));
     for region in &sim.cluster.regions {
@@ -542,6 +548,11 @@ async fn liveness(sim: &Arc<Sim>, deadline: tokio::time::Instant) -> bool {
         if !c.is_up(*id) {
             faults::restart(sim, *id).await;
         }
+        // A node whose metadata store is corrupt cannot start: it is replaced by an empty one.
+        if !c.is_up(*id) && c.kv_corrupt(*id) {
+            let region = c.lock()[id].region;
+            faults::replace_node(sim, region, *id, deadline).await;
+        }
     }
     for region in 0..c.regions.len() {
         // Nodes the nemesis removed rejoin their region.
@@ -666,7 +677,9 @@ async fn final_checks(sim: &Arc<Sim>, deadline: tokio::time::Instant) {
                 .await;
             match got {
                 Ok(Ok(content)) if Digest::of(d.algorithm(), &content.bytes) == *d => checks += 1,
-                Ok(Ok(_)) => sim.violation(format!("node {id} served {repo}@{d} with wrong bytes")),
+                Ok(Ok(_)) => sim.violation(format!(
+                    "served corrupt bytes: node {id} served {repo}@{d} with bytes of another digest"
+                )),
                 Ok(Err(e)) => sim.violation(format!(
                     "acknowledged blob {repo}@{d} is not served by node {id}: {e}"
                 )),

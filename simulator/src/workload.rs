@@ -534,7 +534,9 @@ pub async fn pull_verified(
                 let h = Digest::of(d.algorithm(), &c.bytes);
                 if h != *d || c.size_bytes != c.bytes.len() as u64 {
                     return Err(PullError::Corrupt(format!(
-                        "blob {d} served with bytes hashing to {h}"
+                        "served corrupt bytes: blob {d} served with bytes hashing to {h} ({} of {} bytes)",
+                        c.bytes.len(),
+                        c.size_bytes
                     )));
                 }
             }

@@ -174,6 +174,32 @@ fn sweep_catches_unsynced_raft_log() {
     println!("{s}");
 }
 
+/// Acknowledging a push once quorum − 1 copies are durable leaves a blob on one node while
+/// the others cannot take it; losing that node's blob volume then loses an acknowledged
+/// push. The CI-length sweep (two regions of three nodes, 60 s) must catch it.
+#[test]
+fn sweep_catches_acks_before_a_write_quorum() {
+    let mut caught = None;
+    for seed in 0..10 {
+        let mut c = config(seed, 2, 60);
+        c.bug = Some(Bug::AckQuorumMinusOne);
+        let s = run(c);
+        if !s.passed() {
+            caught = Some(s);
+            break;
+        }
+    }
+    let s = caught.expect("no seed of 0..10 caught pushes acknowledged before a write quorum");
+    assert!(
+        s.violations
+            .iter()
+            .any(|v| v.contains("acknowledged") || v.contains("does not pull whole")),
+        "caught, but not as a lost acknowledged push: {:?}",
+        s.violations
+    );
+    println!("{s}");
+}
+
 /// A region that drops the tag moves it receives from another region never converges; the
 /// cross-region check must catch it.
 #[test]
