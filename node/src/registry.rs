@@ -560,7 +560,13 @@ impl<P: Platform> NodeRegistry<P> {
         let mut rx = self.raft.metrics();
         let now = rx.borrow().last_applied.map_or(0, |l| l.index);
         let _ = tokio::time::timeout(bound, async {
-            while rx.changed().await.is_ok() {
+            loop {
+                if rx.changed().await.is_err() {
+                    // The Raft core is gone (it quit on a storage error): nothing will be
+                    // applied. Wait out the bound: returning at once would make a caller
+                    // that polls in a loop spin.
+                    std::future::pending::<()>().await;
+                }
                 if rx.borrow().last_applied.is_some_and(|l| l.index > now) {
                     break;
                 }
@@ -1352,7 +1358,11 @@ pub struct RepairStep {
 impl<P: Platform> NodeRegistry<P> {
     /// Whether this node leads its region right now.
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+        let rx = self.raft.metrics();
+        // A Raft core that quit (on a storage error) leaves its last metrics behind, naming
+        // this node leader: it leads nothing any more.
+        let running = rx.has_changed().is_ok() && rx.borrow().running_state.is_ok();
+        running && rx.borrow().current_leader == Some(self.node_id)
     }
 
     /// The repair worker: a full pass every `every`, one bounded step at a time, doing work
