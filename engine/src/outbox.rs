@@ -58,6 +58,13 @@ pub enum Change {
         tag: Tag,
         stamp: Stamp,
     },
+    /// A manifest deleted at `stamp`: the tags that pointed at it went with it unless another
+    /// region moved them later (last writer wins, as for tag deletes). Recorded since deletes
+    /// are stamped; `ManifestDeleted` stays readable for events recorded before.
+    ManifestDeletedAt {
+        digest: Digest,
+        stamp: Stamp,
+    },
 }
 
 /// One event of the outbox.

@@ -116,6 +116,15 @@ pub enum Command {
         tag: Tag,
         now_ms: u64,
     },
+    /// A manifest delete made in another region at `stamp`: each tag pointing at it goes
+    /// unless its current state is newer (then it and the manifest stay: the later move
+    /// wins); replayed, it changes nothing. Idempotent: an absent manifest is done.
+    ReplicaManifestDeletedAt {
+        account: AccountId,
+        repo: RepoName,
+        digest: Digest,
+        stamp: crate::origin::Stamp,
+    },
 }
 
 impl Command {
@@ -135,6 +144,7 @@ impl Command {
             Command::ReplicaTagDeleted { .. } => "replica_tag_deleted",
             Command::ReplicaManifestDeleted { .. } => "replica_manifest_deleted",
             Command::ReplicationFailureSet { .. } => "replication_failure_set",
+            Command::ReplicaManifestDeletedAt { .. } => "replica_manifest_deleted_at",
         }
     }
 }
@@ -583,6 +593,12 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                 Outcome::ManifestUnknown(_) => Ok(Outcome::Done),
                 o => Ok(o),
             },
+            Command::ReplicaManifestDeletedAt {
+                account,
+                repo,
+                digest,
+                stamp,
+            } => self.delete_manifest_replica(*account, repo, digest, stamp, batch),
             Command::ReplicationFailureSet {
                 destination,
                 reason,
@@ -696,10 +712,58 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
                 keys::referrer_key(acct, repo, subject, digest),
             );
         }
-        // Tags pointing at it go with it (bounded by the repository's tag count,
-        // which `list_page_entries_max`-sized pages walk).
+        // Tags pointing at it go with it, each a tombstone at the delete's stamp.
+        let stamp = if to_outbox {
+            Some(crate::origin::Stamp {
+                hlc: crate::origin::tick(self.kv, 0, batch)?,
+                region: self.region.to_string(),
+            })
+        } else {
+            None
+        };
+        for (tag, key) in self.tags_naming(acct, repo, digest)? {
+            batch.delete(Cf::Tags, key);
+            if let Some(stamp) = &stamp {
+                crate::origin::set(
+                    self.kv,
+                    acct,
+                    repo,
+                    &tag,
+                    &crate::origin::TagOrigin {
+                        digest: None,
+                        stamp: stamp.clone(),
+                    },
+                    batch,
+                )?;
+            }
+        }
+        if let Some(stamp) = stamp {
+            crate::outbox::record(
+                self.kv,
+                acct,
+                repo,
+                crate::outbox::Change::ManifestDeletedAt {
+                    digest: digest.clone(),
+                    stamp,
+                },
+                0,
+                batch,
+            )?;
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// The tags of `repo` pointing at `digest`, with their keys (bounded by the repository's
+    /// tag count, walked in pages).
+    fn tags_naming(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Vec<(Tag, Vec<u8>)>, StateError> {
         let prefix = keys::repo_prefix(acct, repo);
         let mut start = prefix.clone();
+        let mut out = Vec::new();
         loop {
             let rows = self.kv.scan(Cf::Tags, &prefix, &start, 1024)?;
             let Some((last_key, _)) = rows.last() else {
@@ -710,7 +774,12 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
             for (k, v) in &rows {
                 let t: TagRecord = dec("tag", v)?;
                 if &t.digest == digest {
-                    batch.delete(Cf::Tags, k.clone());
+                    let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                    let tag = Tag::parse(&name).map_err(|e| StateError::Decode {
+                        what: "tag name",
+                        source: Box::new(bincode::ErrorKind::Custom(e.to_string())),
+                    })?;
+                    out.push((tag, k.clone()));
                 }
             }
             if rows.len() < 1024 {
@@ -718,19 +787,38 @@ impl<'a, S: KvStore + ?Sized> State<'a, S> {
             }
             start = next;
         }
-        if to_outbox {
-            crate::outbox::record(
-                self.kv,
-                acct,
-                repo,
-                crate::outbox::Change::ManifestDeleted {
-                    digest: digest.clone(),
-                },
-                0,
-                batch,
-            )?;
+        Ok(out)
+    }
+
+    /// A manifest delete from another region, stamped: tags whose current state is older go
+    /// (tombstones at `stamp`); a newer one keeps its tag, and the manifest it names.
+    fn delete_manifest_replica(
+        &self,
+        acct: AccountId,
+        repo: &RepoName,
+        digest: &Digest,
+        stamp: &crate::origin::Stamp,
+        batch: &mut Batch,
+    ) -> Result<Outcome, StateError> {
+        crate::origin::observe(self.kv, stamp.hlc, batch)?;
+        if self.manifest(acct, repo, digest)?.is_none() {
+            return Ok(Outcome::Done);
         }
-        Ok(Outcome::Done)
+        let mut kept = false;
+        for (tag, key) in self.tags_naming(acct, repo, digest)? {
+            if self.replica_tag_wins(acct, repo, &tag, None, stamp, batch)? {
+                batch.delete(Cf::Tags, key);
+            } else {
+                kept = true;
+            }
+        }
+        if kept {
+            return Ok(Outcome::Done);
+        }
+        match self.delete_manifest(acct, repo, digest, false, batch)? {
+            Outcome::ManifestUnknown(_) => Ok(Outcome::Done),
+            o => Ok(o),
+        }
     }
 
     /// Stamps a tag change made in this region (a move to `digest`, or a delete) and records
@@ -1103,7 +1191,10 @@ mod tests {
             Change::ManifestPut { tag: Some(t), .. } if t.as_str() == "v1"
         ));
         assert!(matches!(&events[1].change, Change::TagDeleted { .. }));
-        assert!(matches!(&events[2].change, Change::ManifestDeleted { .. }));
+        assert!(matches!(
+            &events[2].change,
+            Change::ManifestDeletedAt { .. }
+        ));
         assert_eq!(
             events[0].destinations,
             vec![Destination {
@@ -1250,6 +1341,68 @@ mod tests {
             },
         );
         assert!(matches!(out, Outcome::TagUnknown(_)));
+    }
+
+    #[test]
+    fn a_replayed_manifest_delete_loses_to_a_later_move_of_its_tag() {
+        use crate::origin::Stamp;
+        // The destination applies: put M (tag t) at s1, delete M at s2, put M (tag t) again at
+        // s3 — then, shipped again (at least once), the delete at s2. The tag stays on M.
+        let kv = MemKv::new();
+        let a = AccountId::DEFAULT;
+        let t = Tag::parse("t").unwrap();
+        let c = commit_blob(&kv, "app", b"{}");
+        let l = commit_blob(&kv, "app", b"layer");
+        let m = image_manifest(&c, &l, None);
+        let d = Digest::sha256_of(&m);
+        let stamp = |hlc: u64| Stamp {
+            hlc,
+            region: "west".into(),
+        };
+        let put = |s: u64| Command::ReplicaManifestPut {
+            account: a,
+            repo: repo("app"),
+            digest: d.clone(),
+            media_type: media::OCI_MANIFEST.into(),
+            bytes: m.clone(),
+            tag: Some(t.clone()),
+            stamp: stamp(s),
+            now_ms: 1_000,
+        };
+        let delete = |s: u64| Command::ReplicaManifestDeletedAt {
+            account: a,
+            repo: repo("app"),
+            digest: d.clone(),
+            stamp: stamp(s),
+        };
+        let apply = |cmd: &Command| {
+            let mut b = Batch::default();
+            let out = State::new(&kv)
+                .in_region("east")
+                .apply(cmd, &mut b)
+                .unwrap();
+            kv.write(b, true).unwrap();
+            assert_eq!(out, Outcome::Done, "{cmd:?}");
+        };
+        let st = State::new(&kv);
+        apply(&put(10));
+        apply(&delete(20));
+        assert!(st.tag(a, &repo("app"), &t).unwrap().is_none());
+        assert!(st.manifest(a, &repo("app"), &d).unwrap().is_none());
+        apply(&put(30));
+        apply(&put(10));
+        apply(&delete(20));
+        assert_eq!(st.tag(a, &repo("app"), &t).unwrap().unwrap().digest, d);
+        assert!(st.manifest(a, &repo("app"), &d).unwrap().is_some());
+        // A delete later than the move takes the tag and the manifest.
+        apply(&delete(40));
+        assert!(st.tag(a, &repo("app"), &t).unwrap().is_none());
+        assert!(st.manifest(a, &repo("app"), &d).unwrap().is_none());
+        apply(&put(30));
+        assert!(
+            st.tag(a, &repo("app"), &t).unwrap().is_none(),
+            "an older move does not bring the tag back"
+        );
     }
 
     #[test]

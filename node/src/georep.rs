@@ -542,7 +542,20 @@ impl<P: Platform> Georep<P> {
                         .manifest(ev.account, &ev.repo, digest)
                         .map_err(|e| GeoError::failed(e.to_string()))?
                     else {
-                        // Deleted since; its delete event follows.
+                        // Deleted since; its delete event follows. The delete took the tags
+                        // pointing at it, this one included if nothing moved it since (a later
+                        // event does, and follows too): the tag's net change is a delete at
+                        // this event's stamp. Skipping the event would leave the tag at
+                        // whatever it named before in the destination.
+                        if let (Some(tag), Some(stamp)) = (tag, stamp) {
+                            changes.push((
+                                target,
+                                GeoChange::TagDeleted {
+                                    tag: tag.clone(),
+                                    stamp: stamp.clone(),
+                                },
+                            ));
+                        }
                         continue;
                     };
                     let blobs = needs.entry(target.clone()).or_default();
@@ -564,6 +577,10 @@ impl<P: Platform> Georep<P> {
                 },
                 Change::ManifestDeleted { digest } => GeoChange::ManifestDeleted {
                     digest: digest.clone(),
+                },
+                Change::ManifestDeletedAt { digest, stamp } => GeoChange::ManifestDeletedAt {
+                    digest: digest.clone(),
+                    stamp: stamp.clone(),
                 },
             };
             changes.push((target, change));
@@ -1266,6 +1283,16 @@ impl<P: Platform> Georep<P> {
                     account,
                     repo,
                     digest,
+                })
+                .await
+            }
+            GeoChange::ManifestDeletedAt { digest, stamp } => {
+                stamped_here(&stamp)?;
+                self.propose(Command::ReplicaManifestDeletedAt {
+                    account,
+                    repo,
+                    digest,
+                    stamp,
                 })
                 .await
             }

@@ -712,7 +712,9 @@ impl<P: Platform> NodeRegistry<P> {
     /// Whether this node's Raft core has stopped (after a storage error, or at shutdown):
     /// its metrics then keep the last state they had, leadership included.
     pub fn raft_stopped(&self) -> bool {
-        self.raft.metrics().has_changed().is_err()
+        let rx = self.raft.metrics();
+        let stopped = rx.has_changed().is_err() || rx.borrow().running_state.is_err();
+        stopped
     }
 
     /// Where a blob or manifest this region lacks is looked for (another region), if set.

@@ -9,7 +9,7 @@
 //! never bootstraps its region again: it joins through a membership change.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,6 +59,13 @@ impl Clock for SimClock {
     }
 }
 
+/// A snapshot every this many entries (production: 10 000): a region applies a few dozen
+/// entries a second under the workload, so one is built every few seconds.
+const SNAPSHOT_LOGS_SINCE_LAST: u64 = 100;
+/// Entries kept behind a snapshot (production: 1 000): a follower a second or two behind
+/// (a crash, a partition) is sent the snapshot rather than the log.
+const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 20;
+
 /// A request that got no answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RequestError {
@@ -100,7 +107,14 @@ pub struct Cluster {
     pub regions: Vec<Vec<NodeId>>,
     pub bug: Option<Bug>,
     config: node::Config,
+    /// Snapshots installed by every node's state machine so far.
+    pub snapshot_installs: Arc<AtomicU64>,
+    /// Raised when the watchdog gives up on the run (a planted spinner stops then).
+    pub abandoned: Arc<AtomicBool>,
 }
+
+/// When the planted `SpinningTask` and `PanickingTask` bugs strike (simulated).
+const PLANTED_BUG_AFTER: Duration = Duration::from_secs(3);
 
 /// A node's `Georep` as the simulated network calls it.
 struct GeoServer(Arc<node::georep::Georep<SimPlatform>>);
@@ -156,15 +170,18 @@ impl Cluster {
             ids.push(region);
         }
         let mut config = node::Config::default();
-        // Small snapshot intervals, so snapshots are built and installed under faults too.
-        config.raft.snapshot_logs_since_last = 1000;
-        config.raft.logs_kept_after_snapshot = 200;
+        // Small snapshot intervals, so that snapshots are built, and installed on followers
+        // that fell behind (a crash, a partition), within a one-minute run under faults.
+        config.raft.snapshot_logs_since_last = SNAPSHOT_LOGS_SINCE_LAST;
+        config.raft.logs_kept_after_snapshot = LOGS_KEPT_AFTER_SNAPSHOT;
         Cluster {
             net,
             nodes: Mutex::new(nodes),
             regions: ids,
             bug,
             config,
+            snapshot_installs: Arc::default(),
+            abandoned: Arc::default(),
         }
     }
 
@@ -215,7 +232,8 @@ impl Cluster {
         } else {
             LogStore::new(kv.clone())
         };
-        let sm = StateMachine::new(kv.clone(), &region_name(region));
+        let sm = StateMachine::new(kv.clone(), &region_name(region))
+            .counting_installs(self.snapshot_installs.clone());
         let net = PeerNetwork {
             transport: transport.clone(),
         };
@@ -285,6 +303,9 @@ impl Cluster {
                 .repair_loop(REPAIR_INTERVAL)
                 .instrument(span.clone()),
         );
+        if id == self.regions[0][0] {
+            self.plant_task_bug(&scope);
+        }
         if bootstrap && !raft.is_initialized().await.map_err(|e| e.to_string())? {
             let members: BTreeMap<NodeId, NodeInfo> = self.regions[region]
                 .iter()
@@ -308,6 +329,30 @@ impl Cluster {
             registry,
         });
         Ok(())
+    }
+
+    /// The planted `SpinningTask` and `PanickingTask` bugs: a task of the node `scope` runs
+    /// that, a few simulated seconds on, spins without awaiting (until the watchdog abandons
+    /// the run, so that a test process does not keep a core busy) or panics.
+    fn plant_task_bug(&self, scope: &Arc<TaskScope>) {
+        match self.bug {
+            Some(Bug::SpinningTask) => {
+                let abandoned = self.abandoned.clone();
+                rt::spawn_in(scope, async move {
+                    tokio::time::sleep(PLANTED_BUG_AFTER).await;
+                    while !abandoned.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                });
+            }
+            Some(Bug::PanickingTask) => {
+                rt::spawn_in(scope, async move {
+                    tokio::time::sleep(PLANTED_BUG_AFTER).await;
+                    panic!("planted bug: a node task panics");
+                });
+            }
+            _ => {}
+        }
     }
 
     /// Stops a node's process at once; its disks lose what was not synced, except the first

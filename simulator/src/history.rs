@@ -37,11 +37,29 @@ pub struct Op {
 /// An acknowledged manifest: its bytes and the blobs it needs.
 pub type AckedManifest = (bytes::Bytes, Vec<Digest>);
 
+/// A manifest that a delete by digest may have removed.
+#[derive(Debug, Clone)]
+pub struct Deleted {
+    pub manifest: AckedManifest,
+    /// Deletes of it in flight.
+    pub pending: u32,
+    /// A delete of it ended with its outcome unknown: it may be applied at any time, so no
+    /// later push makes the manifest required again.
+    pub unknown: bool,
+    /// When the last delete of it was answered (microseconds): a push invoked after this
+    /// (with no delete pending or unknown) makes the manifest required again.
+    pub answered_us: u64,
+}
+
 /// Everything the model knows was acknowledged, and the tag history.
 #[derive(Default)]
 pub struct Model {
-    /// Acknowledged manifests per (region, repository): digest → the blobs it needs.
+    /// Acknowledged manifests per (region, repository): digest → the blobs it needs. Every
+    /// node of the region must serve each (a delete by digest moves it to `deleted`).
     pub manifests: BTreeMap<(usize, String), BTreeMap<Digest, AckedManifest>>,
+    /// Manifests deleted by digest (or being deleted) per (region, repository): no longer
+    /// required to be served, until pushed again after the delete.
+    pub deleted: BTreeMap<(usize, String), BTreeMap<Digest, Deleted>>,
     /// Acknowledged blob links: (region, repository, digest).
     pub blobs: BTreeSet<(usize, String, Digest)>,
     pub ops: Vec<Op>,
@@ -81,6 +99,71 @@ impl Model {
                 self.ops[at].answered_us = Some(answered);
             }
             None => self.ops[at].event = Event::Refused,
+        }
+    }
+
+    /// A push of `digest` invoked at `invoked_us` was acknowledged: the manifest is required
+    /// from now on, unless a delete of it may have been applied after the push.
+    pub fn manifest_acked(
+        &mut self,
+        region: usize,
+        repo: &str,
+        digest: &Digest,
+        manifest: AckedManifest,
+        invoked_us: u64,
+    ) {
+        let key = (region, repo.to_string());
+        if let Some(d) = self.deleted.get_mut(&key).and_then(|m| m.get_mut(digest)) {
+            if d.pending > 0 || d.unknown || invoked_us <= d.answered_us {
+                return;
+            }
+            self.deleted.get_mut(&key).map(|m| m.remove(digest));
+        }
+        self.manifests
+            .entry(key)
+            .or_default()
+            .insert(digest.clone(), manifest);
+    }
+
+    /// A delete of `digest` is sent: the manifest is no longer required. False when the
+    /// model knows no such manifest.
+    pub fn begin_manifest_delete(&mut self, region: usize, repo: &str, digest: &Digest) -> bool {
+        let key = (region, repo.to_string());
+        if let Some(m) = self.manifests.get_mut(&key).and_then(|m| m.remove(digest)) {
+            self.deleted.entry(key.clone()).or_default().insert(
+                digest.clone(),
+                Deleted {
+                    manifest: m,
+                    pending: 0,
+                    unknown: false,
+                    answered_us: 0,
+                },
+            );
+        }
+        match self.deleted.get_mut(&key).and_then(|m| m.get_mut(digest)) {
+            Some(d) => {
+                d.pending += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A delete of `digest` got its answer at `answered_us`; `known`: whether its outcome is
+    /// known (applied, or certainly not).
+    pub fn settle_manifest_delete(
+        &mut self,
+        region: usize,
+        repo: &str,
+        digest: &Digest,
+        known: bool,
+        answered_us: u64,
+    ) {
+        let key = (region, repo.to_string());
+        if let Some(d) = self.deleted.get_mut(&key).and_then(|m| m.get_mut(digest)) {
+            d.pending = d.pending.saturating_sub(1);
+            d.unknown |= !known;
+            d.answered_us = d.answered_us.max(answered_us);
         }
     }
 

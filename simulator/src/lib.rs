@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod faults;
 pub mod history;
 pub mod net;
+pub mod watchdog;
 pub mod workload;
 
 #[cfg(not(tokio_unstable))]
@@ -25,7 +26,7 @@ compile_error!(
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use engine::keys::Cf;
@@ -63,6 +64,11 @@ pub enum Bug {
     ReplicaTagsAlwaysWin,
     /// A push is acknowledged once quorum − 1 blob copies are durable.
     AckQuorumMinusOne,
+    /// A node task spins without awaiting after a few simulated seconds (the watchdog's
+    /// self-test: simulated time stops).
+    SpinningTask,
+    /// A node task panics after a few simulated seconds (a panic must be a violation).
+    PanickingTask,
 }
 
 /// One run's parameters.
@@ -78,6 +84,23 @@ pub struct SimConfig {
     pub bug: Option<Bug>,
     /// Print every trace line as it happens.
     pub verbose: bool,
+    /// Wall-clock time the run may take (the watchdog ends it past this).
+    pub wall_limit: Duration,
+    /// Wall-clock time simulated time may stand still before the watchdog ends the run.
+    pub stall_limit: Duration,
+}
+
+/// Wall-clock time a run may take at least: generous for a one-minute run in a debug build
+/// on a busy machine (release runs go 30–40 times faster than simulated time).
+pub const WALL_LIMIT_MIN: Duration = Duration::from_secs(600);
+/// Wall-clock time simulated time may stand still: a run publishes its time every 50
+/// simulated ms, and no step of the simulator computes for more than a fraction of a second.
+pub const STALL_LIMIT: Duration = Duration::from_secs(60);
+
+/// The default wall-clock limit of a run `duration` long: `WALL_LIMIT_MIN`, plus a quarter
+/// of the duration (long runs, at least 4 times faster than simulated time).
+pub fn default_wall_limit(duration: Duration) -> Duration {
+    WALL_LIMIT_MIN + duration / 4
 }
 
 impl SimConfig {
@@ -91,7 +114,30 @@ impl SimConfig {
             clients_per_region: 3,
             bug: None,
             verbose: false,
+            wall_limit: default_wall_limit(Duration::from_secs(60)),
+            stall_limit: STALL_LIMIT,
         }
+    }
+
+    /// What decides the run (the first, hashed, trace line): every field but those that
+    /// only print or watch it, so a `--trace` replay reproduces the trace hash.
+    pub fn run_description(&self) -> String {
+        // Destructured, so that a new field must be sorted into one side or the other.
+        let SimConfig {
+            seed,
+            regions,
+            nodes,
+            duration,
+            faults,
+            clients_per_region,
+            bug,
+            verbose: _,
+            wall_limit: _,
+            stall_limit: _,
+        } = self;
+        format!(
+            "seed {seed}, {regions} region(s) x {nodes} node(s), {duration:?}, faults {faults:?}, {clients_per_region} client(s) per region, bug {bug:?}"
+        )
     }
 
     /// The command that replays this run.
@@ -151,6 +197,8 @@ pub struct Sim {
     /// Regions where a fault has copies out of reach or lost right now (see `faults`, "the
     /// minority bound"): at most one such fault per region at a time.
     pub(crate) copies_affected: Mutex<BTreeSet<usize>>,
+    /// Shared with the watchdog (simulated time, panics, the order to stop).
+    pub watch: Arc<watchdog::Watch>,
 }
 
 /// Violations found, readable.
@@ -168,11 +216,12 @@ impl Sim {
 
     pub fn trace(&self, line: String) {
         let t = self.now_us();
+        self.watch.beat(t / 1000);
         let line = format!("{:>10.3} ms  {line}", t as f64 / 1000.0);
         if self.config.verbose {
             println!("{line}");
         }
-        let mut g = self.trace.lock().expect("trace lock");
+        let mut g = self.trace.lock().unwrap_or_else(PoisonError::into_inner);
         g.hasher.update(line.as_bytes());
         g.hasher.update(b"\n");
         g.lines += 1;
@@ -184,7 +233,10 @@ impl Sim {
 
     /// Records a violation (once, however often it is found).
     pub fn violation(&self, what: String) {
-        let mut v = self.violations.lock().expect("violations lock");
+        let mut v = self
+            .violations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if v.contains(&what) {
             return;
         }
@@ -234,11 +286,35 @@ pub struct Summary {
     pub messages_duplicated: u64,
     pub trace_lines: u64,
     pub trace_hash: String,
+    /// Raft snapshots installed by followers that were behind (every node, whole run).
+    pub snapshots_installed: u64,
     pub violations: Violations,
     pub trace_tail: Vec<String>,
 }
 
 impl Summary {
+    /// The report of a run that ended before it had any state (its thread died at once).
+    fn empty(config: SimConfig) -> Summary {
+        Summary {
+            config,
+            simulated: Duration::ZERO,
+            wall: Duration::ZERO,
+            ops_ok: 0,
+            ops_failed: 0,
+            ops: BTreeMap::new(),
+            faults: BTreeMap::new(),
+            checks: 0,
+            messages: 0,
+            messages_lost: 0,
+            messages_duplicated: 0,
+            trace_lines: 0,
+            trace_hash: String::new(),
+            snapshots_installed: 0,
+            violations: vec!["the simulation thread died before the run began".into()],
+            trace_tail: Vec::new(),
+        }
+    }
+
     pub fn passed(&self) -> bool {
         self.violations.is_empty()
     }
@@ -286,6 +362,7 @@ impl std::fmt::Display for Summary {
             "  network: {} messages, {} lost, {} duplicated",
             self.messages, self.messages_lost, self.messages_duplicated
         )?;
+        writeln!(f, "  snapshots installed: {}", self.snapshots_installed)?;
         writeln!(f, "  invariant checks passed: {}", self.checks)?;
         writeln!(
             f,
@@ -324,32 +401,92 @@ fn latencies(regions: usize) -> Vec<Vec<u64>> {
     m
 }
 
-/// Runs one simulation to the end and reports it. Deterministic in `config`.
+/// Stack of a simulation thread: the main thread's size, which the simulator always had.
+const SIM_STACK_BYTES: usize = 8 << 20;
+
+/// Runs one simulation to the end and reports it. Deterministic in `config`. The simulation
+/// runs on a thread of its own under a watchdog (see `watchdog`): a run whose simulated time
+/// stops, that exceeds its wall-clock limit or that panics ends with a violation.
 pub fn run(config: SimConfig) -> Summary {
     let wall = std::time::Instant::now();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .rng_seed(tokio::runtime::RngSeed::from_bytes(
-            &config.seed.to_le_bytes(),
-        ))
-        .build()
-        .expect("build the simulation runtime");
-    node::rt::seed_thread_rng(config.seed);
-    let summary = rt.block_on(run_inner(config.clone()));
-    // Tasks still parked (nodes, stragglers) are dropped with the runtime.
-    drop(rt);
+    let watch = Arc::new(watchdog::Watch::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (w, c) = (watch.clone(), config.clone());
+    let thread = std::thread::Builder::new()
+        .name(format!("sim-{}", config.seed))
+        .stack_size(SIM_STACK_BYTES)
+        .spawn(move || {
+            watchdog::record_panics_here(w.clone());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .rng_seed(tokio::runtime::RngSeed::from_bytes(&c.seed.to_le_bytes()))
+                .build()
+                .expect("build the simulation runtime");
+            node::rt::seed_thread_rng(c.seed);
+            let summary = rt.block_on(async {
+                // `biased`: polling the stop signal first draws nothing from the seeded RNG.
+                tokio::select! {
+                    biased;
+                    _ = w.stop.notified() => None,
+                    s = run_inner(c, w.clone()) => Some(s),
+                }
+            });
+            // Tasks still parked (nodes, stragglers) are dropped with the runtime.
+            drop(rt);
+            let _ = tx.send(summary);
+        })
+        .expect("spawn the simulation thread");
+    let verdict = watchdog::watch(&watch, &rx, config.stall_limit, config.wall_limit);
+    let (summary, gave_up) = match verdict {
+        watchdog::Verdict::Finished(s) => {
+            let _ = thread.join();
+            (Some(*s), None)
+        }
+        watchdog::Verdict::Died => {
+            let _ = thread.join();
+            (None, None)
+        }
+        watchdog::Verdict::GaveUp(why) => {
+            watch.give_up();
+            match rx.recv_timeout(watchdog::STOP_GRACE) {
+                Ok(s) => {
+                    let _ = thread.join();
+                    (s, Some(why))
+                }
+                // Still spinning: detached (it cannot be preempted), see `watchdog`.
+                Err(_) => (None, Some(why)),
+            }
+        }
+    };
+    let sim = watch
+        .sim
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let mut summary = match (summary, sim) {
+        (Some(s), _) => s,
+        (None, Some(sim)) => summarize(&sim, Duration::from_millis(watch.sim_ms())),
+        (None, None) => Summary::empty(config),
+    };
+    summary.violations.extend(gave_up);
+    for p in watch.panics() {
+        if !summary.violations.contains(&p) {
+            summary.violations.push(p);
+        }
+    }
     Summary {
         wall: wall.elapsed(),
         ..summary
     }
 }
 
-async fn run_inner(config: SimConfig) -> Summary {
+async fn run_inner(config: SimConfig, watch: Arc<watchdog::Watch>) -> Summary {
     let start = tokio::time::Instant::now();
     let net = SimNet::new(latencies(config.regions));
     let cluster = Cluster::new(config.regions, config.nodes, net, config.bug);
     let sim = Arc::new(Sim {
+        watch: watch.clone(),
         safety_end: start + config.duration,
         config: config.clone(),
         cluster,
@@ -361,7 +498,11 @@ async fn run_inner(config: SimConfig) -> Summary {
         faults_active: AtomicUsize::new(0),
         copies_affected: Mutex::default(),
     });
-    sim.trace(format!("start: {config:?}"));
+    *watch
+        .sim
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sim.clone());
+    sim.trace(format!("start: {}", config.run_description()));
     for region in &sim.cluster.regions {
         for id in region {
             if let Err(e) = sim.cluster.start(*id).await {
@@ -397,15 +538,86 @@ async fn run_inner(config: SimConfig) -> Summary {
     let settled = liveness(&sim, deadline).await;
     if settled {
         final_checks(&sim, deadline).await;
-        cross_region_checks(&sim, tokio::time::Instant::now() + CONVERGENCE_BOUND).await;
+        cross_region_checks(&sim).await;
     }
     let simulated = start.elapsed();
     summarize(&sim, simulated)
 }
 
 /// How long after the final checks every region may take to converge on what the others
-/// replicate to it (simulated time).
+/// replicate to it, at least (simulated time).
 const CONVERGENCE_BOUND: Duration = Duration::from_secs(180);
+/// Past `CONVERGENCE_BOUND`, the wait goes on while the replication backlog (outbox events
+/// not yet acknowledged by their destination) keeps shrinking: it fails once the backlog has
+/// not reached a new low for this long (the workers retry at least every 10 s), …
+const CONVERGENCE_NO_PROGRESS: Duration = Duration::from_secs(60);
+/// … or once the backlog had time to drain at this many events per second: a 2-hour run
+/// under heavy faults ends with thousands of events unshipped, drained at ~15 a second.
+const CONVERGENCE_EVENTS_PER_S_MIN: u64 = 5;
+
+/// Outbox events every region has not yet seen acknowledged by each other region, summed
+/// (read from each region's first node, which has caught up after `liveness`).
+fn replication_backlog(c: &Cluster) -> u64 {
+    let mut total = 0;
+    for (r, ids) in c.regions.iter().enumerate() {
+        let kv = c.lock()[&ids[0]].kv.clone();
+        let last = engine::outbox::last_seq(kv.as_ref()).unwrap_or(0);
+        for o in (0..c.regions.len()).filter(|o| *o != r) {
+            let dest = engine::outbox::Destination {
+                region: cluster::region_name(o),
+                account: AccountId::DEFAULT,
+            };
+            let cursor = engine::outbox::cursor(kv.as_ref(), &dest).unwrap_or(0);
+            total += last.saturating_sub(cursor);
+        }
+    }
+    total
+}
+
+/// The convergence wait's bound: it scales with the replication backlog (see
+/// `CONVERGENCE_NO_PROGRESS`).
+struct Convergence {
+    started: tokio::time::Instant,
+    cap: tokio::time::Instant,
+    lowest: u64,
+    lowest_at: tokio::time::Instant,
+}
+
+impl Convergence {
+    fn new(c: &Cluster) -> Convergence {
+        let now = tokio::time::Instant::now();
+        let backlog = replication_backlog(c);
+        Convergence {
+            started: now,
+            cap: now
+                + CONVERGENCE_BOUND
+                    .max(Duration::from_secs(backlog / CONVERGENCE_EVENTS_PER_S_MIN)),
+            lowest: backlog,
+            lowest_at: now,
+        }
+    }
+
+    /// Whether to give up waiting now.
+    fn exhausted(&mut self, c: &Cluster) -> bool {
+        let now = tokio::time::Instant::now();
+        let backlog = replication_backlog(c);
+        if backlog < self.lowest {
+            self.lowest = backlog;
+            self.lowest_at = now;
+        }
+        now >= self.started + CONVERGENCE_BOUND
+            && (now >= self.lowest_at + CONVERGENCE_NO_PROGRESS || now >= self.cap)
+    }
+
+    /// For messages: how long the wait went on, and the backlog left.
+    fn describe(&self) -> String {
+        format!(
+            "within {} s of healing, replication backlog at {} events",
+            self.started.elapsed().as_secs(),
+            self.lowest
+        )
+    }
+}
 
 /// With several regions, each replicates its default account to every other (as
 /// `dev-cluster` sets up), set through each region's Raft like PutReplicationConfiguration.
@@ -462,13 +674,34 @@ fn tags_on(c: &Cluster, id: NodeId, repo: &str) -> BTreeMap<String, Digest> {
         .collect()
 }
 
+/// The manifests of `repo` (default account) on one node's state, by digest.
+fn manifests_on(c: &Cluster, id: NodeId, repo: &str) -> BTreeSet<Digest> {
+    let kv = c.lock()[&id].kv.clone();
+    let state = engine::state::State::new(kv.as_ref());
+    let repo = workload::parse_repo(repo);
+    let mut out = BTreeSet::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = state
+            .manifests_page(AccountId::DEFAULT, &repo, after.as_deref(), 1024)
+            .unwrap_or_default();
+        let full = page.len() == 1024;
+        after = page.last().map(|(d, _)| d.clone());
+        out.extend(page.into_iter().filter_map(|(d, _)| Digest::parse(&d).ok()));
+        if !full {
+            return out;
+        }
+    }
+}
+
 /// Invariant 4: after healing, every region holds every other region's repositories with the
-/// same tags and digests, and what it serves verifies.
-async fn cross_region_checks(sim: &Arc<Sim>, deadline: tokio::time::Instant) {
+/// same tags and digests and every manifest (tagged or not), and what it serves verifies.
+async fn cross_region_checks(sim: &Arc<Sim>) {
     let c = &sim.cluster;
     if c.regions.len() < 2 {
         return;
     }
+    let mut bound = Convergence::new(c);
     let mut checks = 0u64;
     let repos: BTreeSet<(usize, String)> = {
         let m = sim.model.lock().expect("model lock");
@@ -483,34 +716,64 @@ async fn cross_region_checks(sim: &Arc<Sim>, deadline: tokio::time::Instant) {
             for id in ids {
                 // Read both sides each time: a shared repository's origin region may itself
                 // still be receiving the other regions' pushes.
-                let (source, got) = loop {
+                let (source, got, source_manifests, missing_manifests) = loop {
                     let source = tags_on(c, c.regions[*origin][0], repo);
                     let got = tags_on(c, *id, repo);
-                    if got == source || tokio::time::Instant::now() >= deadline {
-                        break (source, got);
+                    let source_manifests = manifests_on(c, c.regions[*origin][0], repo);
+                    let got_manifests = manifests_on(c, *id, repo);
+                    let missing: Vec<Digest> = source_manifests
+                        .difference(&got_manifests)
+                        .cloned()
+                        .collect();
+                    if (got == source && missing.is_empty()) || bound.exhausted(c) {
+                        break (source, got, source_manifests, missing);
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 };
                 if got != source {
-                    let missing: Vec<&String> = source
-                        .keys()
-                        .filter(|t| got.get(*t) != source.get(*t))
+                    let missing: Vec<String> = source
+                        .iter()
+                        .filter(|(t, d)| got.get(*t) != Some(*d))
+                        .map(|(t, d)| match got.get(t) {
+                            Some(g) => format!("{t}: {d} here {g}"),
+                            None => format!("{t}: {d} here none"),
+                        })
                         .collect();
                     let extra: Vec<&String> =
                         got.keys().filter(|t| !source.contains_key(*t)).collect();
                     sim.violation(format!(
-                        "no convergence: node {id} of region {o} has {repo} differing from region {origin} within {} s of healing (tags missing or different: {missing:?}, extra: {extra:?})",
-                        CONVERGENCE_BOUND.as_secs()
+                        "no convergence: node {id} of region {o} has {repo} differing from region {origin} {} (tags missing or different: {missing:?}, extra: {extra:?})",
+                        bound.describe()
+                    ));
+                    continue;
+                }
+                if !missing_manifests.is_empty() {
+                    sim.violation(format!(
+                        "no convergence: node {id} of region {o} lacks {} of {repo}'s manifests that region {origin} holds {} (e.g. {})",
+                        missing_manifests.len(),
+                        bound.describe(),
+                        missing_manifests[0]
                     ));
                     continue;
                 }
                 checks += 1;
+                // Pulls may still wait on a blob copy inside the region.
+                let deadline = tokio::time::Instant::now() + CONVERGENCE_NO_PROGRESS;
                 for tag in source.keys() {
                     let reference = Reference::Tag(workload::parse_tag(tag));
                     match pull_until(sim, *id, repo, &reference, deadline).await {
                         Ok(_) => checks += 1,
                         Err(e) => sim.violation(format!(
                             "replicated tag {repo}:{tag} on node {id} of region {o} does not pull whole: {e}"
+                        )),
+                    }
+                }
+                for d in &source_manifests {
+                    let reference = Reference::Digest(d.clone());
+                    match pull_until(sim, *id, repo, &reference, deadline).await {
+                        Ok(_) => checks += 1,
+                        Err(e) => sim.violation(format!(
+                            "replicated manifest {repo}@{d} on node {id} of region {o} does not pull whole: {e}"
                         )),
                     }
                 }
@@ -718,6 +981,7 @@ async fn watch_leaders(sim: Arc<Sim>) {
     let mut seen: BTreeMap<NodeId, (Option<NodeId>, u64, Option<u64>)> = BTreeMap::new();
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
+        sim.watch.beat(sim.now_us() / 1000);
         for id in sim.cluster.regions.iter().flatten() {
             let Some(up) = sim.cluster.running(*id) else {
                 seen.remove(id);
@@ -781,10 +1045,15 @@ async fn pull_until(
 
 type StateRow = (Cf, Vec<u8>, Vec<u8>);
 
-/// Every state row (not the Raft log, not per-node metadata), in order.
+/// Every state row (not the Raft log), in order: what every node of a region must hold alike
+/// once it applied the same entries. All of `sm_meta` is state too (the HLC, the outbox
+/// sequence, each destination's cursor and failure, the stats, the membership with its log
+/// id) — each written by applying an entry, or by a snapshot install taken at an entry —
+/// except the applied id itself: nodes are compared at the same applied entry, and a node
+/// records it apart (the install writes the snapshot's, not the snapshot row's).
 fn state_rows(kv: &dyn KvStore) -> Vec<StateRow> {
     let mut out = Vec::new();
-    for cf in Cf::STATE.into_iter().filter(|cf| *cf != Cf::SmMeta) {
+    for cf in Cf::STATE {
         let mut start = Vec::new();
         loop {
             let rows = kv.scan(cf, b"", &start, 1024).unwrap_or_default();
@@ -793,7 +1062,11 @@ fn state_rows(kv: &dyn KvStore) -> Vec<StateRow> {
                 start = k.clone();
                 start.push(0);
             }
-            out.extend(rows.into_iter().map(|(k, v)| (cf, k, v)));
+            out.extend(
+                rows.into_iter()
+                    .filter(|(k, _)| !(cf == Cf::SmMeta && k == engine::keys::SM_LAST_APPLIED))
+                    .map(|(k, v)| (cf, k, v)),
+            );
             if !full {
                 break;
             }
@@ -830,7 +1103,7 @@ fn state_hash(kv: &dyn KvStore) -> blake3::Hash {
 }
 
 fn summarize(sim: &Arc<Sim>, simulated: Duration) -> Summary {
-    let counters = sim.counters.lock().expect("counters lock");
+    let counters = sim.counters.lock().unwrap_or_else(PoisonError::into_inner);
     let mut ops = BTreeMap::new();
     let (mut ok, mut failed) = (0, 0);
     for ((kind, success), n) in &counters.ops {
@@ -844,7 +1117,7 @@ fn summarize(sim: &Arc<Sim>, simulated: Duration) -> Summary {
         }
     }
     let net = sim.cluster.net.stats();
-    let trace = sim.trace.lock().expect("trace lock");
+    let trace = sim.trace.lock().unwrap_or_else(PoisonError::into_inner);
     Summary {
         config: sim.config.clone(),
         simulated,
@@ -863,7 +1136,12 @@ fn summarize(sim: &Arc<Sim>, simulated: Duration) -> Summary {
         messages_duplicated: net.duplicated,
         trace_lines: trace.lines,
         trace_hash: trace.hasher.finalize().to_hex().to_string(),
-        violations: sim.violations.lock().expect("violations lock").clone(),
+        snapshots_installed: sim.cluster.snapshot_installs.load(Ordering::Relaxed),
+        violations: sim
+            .violations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone(),
         trace_tail: trace.tail.iter().cloned().collect(),
     }
 }

@@ -47,6 +47,14 @@ struct Args {
     /// Run each seed twice and fail if the trace hashes differ.
     #[arg(long)]
     check_determinism: bool,
+    /// Wall-clock time a run may take before it fails (default: 10m plus a quarter of
+    /// --duration).
+    #[arg(long)]
+    wall_limit: Option<String>,
+    /// Wall-clock time simulated time may stand still before the run fails (a task that
+    /// spins without awaiting).
+    #[arg(long, default_value = "60s")]
+    stall_limit: String,
 }
 
 /// Parses `500ms`, `90s`, `10m`, `2h`.
@@ -110,6 +118,11 @@ fn real_main() -> Result<bool> {
         (None, None) => 0..1,
     };
     let duration = parse_duration(&args.duration)?;
+    let wall_limit = match &args.wall_limit {
+        Some(w) => parse_duration(w)?,
+        None => simulator::default_wall_limit(duration),
+    };
+    let stall_limit = parse_duration(&args.stall_limit)?;
     let sweep = seeds.end - seeds.start > 1;
     let mut failed = Vec::new();
     for seed in seeds.clone() {
@@ -122,17 +135,20 @@ fn real_main() -> Result<bool> {
             clients_per_region: args.clients,
             bug: args.bug,
             verbose: args.trace,
+            wall_limit,
+            stall_limit,
         };
         let summary = simulator::run(config.clone());
         let mut ok = summary.passed();
         if sweep && ok {
             println!(
-                "seed {seed}: PASS  {:.0} s simulated in {:.1} s ({:.0}x), {} ops, {} faults, trace {}",
+                "seed {seed}: PASS  {:.0} s simulated in {:.1} s ({:.0}x), {} ops, {} faults, {} snapshot installs, trace {}",
                 summary.simulated.as_secs_f64(),
                 summary.wall.as_secs_f64(),
                 summary.speedup(),
                 summary.ops_ok + summary.ops_failed,
                 summary.faults.values().sum::<u64>(),
+                summary.snapshots_installed,
                 &summary.trace_hash[..16]
             );
         } else {

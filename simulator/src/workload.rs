@@ -1,6 +1,7 @@
-//! The clients: concurrent pushes (monolithic and chunked), tag moves and deletes, pulls that
-//! verify every byte, cross-repository mounts and linearizable tag reads — each request
-//! served by a node of the client's region, recorded in the model and the history.
+//! The clients: concurrent pushes (monolithic and chunked, a chunked upload resumed after
+//! its node crashed), tag moves and deletes, manifest deletes by digest, pulls that verify
+//! every byte, cross-repository mounts and linearizable tag reads — each request served by a
+//! node of the client's region, recorded in the model and the history.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,15 @@ use crate::Sim;
 /// Repositories per region and tags per repository the clients contend on.
 const REPOS: usize = 3;
 const TAGS: usize = 3;
+/// The repository (index) of each region that manifests are deleted from by digest. A delete
+/// by digest removes the tags pointing at the manifest, which the history can only record as
+/// writes that may happen at any time (it cannot know which tags pointed there): the other
+/// repositories keep the register check at full strength.
+const DELETE_REPO: usize = REPOS - 1;
+/// Parts a chunked upload is sent in (each its own request, so that a crash can fall
+/// between them), and the most times it resumes or restarts after a failed request.
+const UPLOAD_PARTS: usize = 3;
+const UPLOAD_RECOVERIES_MAX: usize = 6;
 /// A client gives up on one request after this long.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -47,6 +57,11 @@ pub enum Kind {
     ChunkedPush,
     MoveTag,
     DeleteTag,
+    /// A manifest deleted by digest.
+    DeleteManifest,
+    /// A chunked upload that lost a request (its node crashed): resumed from the offset the
+    /// node reports, or restarted when the session is gone.
+    ResumeUpload,
     Pull,
     Mount,
     StrongRead,
@@ -98,6 +113,14 @@ pub fn parse_tag(s: &str) -> Tag {
     Tag::parse(s).expect("simulator tags are valid")
 }
 
+/// How a chunked upload's request failed.
+enum UploadStep {
+    /// The node crashed, was down or unavailable: resume (or restart) the upload.
+    Lost,
+    /// The node refused: the upload ends.
+    Refused,
+}
+
 /// A client of one region.
 pub struct Client {
     pub id: usize,
@@ -135,7 +158,8 @@ impl Client {
                 25..=32 => Kind::ChunkedPush,
                 33..=47 => Kind::MoveTag,
                 48..=52 => Kind::DeleteTag,
-                53..=74 => Kind::Pull,
+                53..=55 => Kind::DeleteManifest,
+                56..=74 => Kind::Pull,
                 75..=82 => Kind::Mount,
                 _ => Kind::StrongRead,
             };
@@ -167,6 +191,8 @@ impl Client {
             Kind::ChunkedPush => self.push(&repo, &tag, true).await,
             Kind::MoveTag => self.move_tag(&repo, &tag).await,
             Kind::DeleteTag => self.delete_tag(&repo, &tag).await,
+            Kind::DeleteManifest => self.delete_manifest().await,
+            Kind::ResumeUpload => unreachable!("resumes happen inside chunked pushes"),
             Kind::Pull => self.pull(&repo, &tag).await,
             Kind::Mount => self.mount(&repo).await,
             Kind::StrongRead => self.strong_read(&repo, &tag).await,
@@ -176,27 +202,20 @@ impl Client {
     /// Pushes one blob through node `n`: in one request, or as a chunked upload session.
     async fn push_blob(&self, n: NodeId, repo: &str, data: Bytes, chunked: bool) -> bool {
         let digest = Digest::sha256_of(&data);
+        if chunked {
+            return self.push_blob_chunked(n, repo, data).await;
+        }
         let (r, d) = (parse_repo(repo), digest.clone());
         let res = self
             .cluster()
             .request(n, move |reg| async move {
-                let acct = AccountId::DEFAULT;
-                if !chunked {
-                    return reg.blob_put(acct, &r, "", &d, body(vec![data])).await;
-                }
-                let s = reg.upload_start(acct, &r, "").await?;
-                let half = data.len() / 2;
-                reg.upload_append(acct, &r, "", &s.id, Some(0), body(vec![data.slice(..half)]))
-                    .await?;
-                reg.upload_finish(acct, &r, "", &s.id, &d, body(vec![data.slice(half..)]))
+                reg.blob_put(AccountId::DEFAULT, &r, "", &d, body(vec![data]))
                     .await
             })
             .await;
         match res {
             Ok(Ok(())) => {
-                self.model()
-                    .blobs
-                    .insert((self.region, repo.to_string(), digest));
+                self.blob_acked(repo, digest);
                 true
             }
             Ok(Err(e)) => {
@@ -208,6 +227,191 @@ impl Client {
                 false
             }
         }
+    }
+
+    fn blob_acked(&self, repo: &str, digest: Digest) {
+        self.model()
+            .blobs
+            .insert((self.region, repo.to_string(), digest));
+    }
+
+    /// A chunked upload through node `n`: a session, `UPLOAD_PARTS` appends (the client pauses
+    /// between them) and the final PUT, each its own request. When a request fails (the node
+    /// crashed, restarted, refused), the client asks the session's status and continues from
+    /// the offset the node reports — what it stored durably — or starts a new session when
+    /// the node no longer knows it. A node that reports an offset and then holds other bytes
+    /// than the client sent fails the final digest check: a violation.
+    async fn push_blob_chunked(&self, n: NodeId, repo: &str, data: Bytes) -> bool {
+        let digest = Digest::sha256_of(&data);
+        let len = data.len() as u64;
+        let bounds: Vec<u64> = (1..=UPLOAD_PARTS as u64)
+            .map(|i| len * i / UPLOAD_PARTS as u64)
+            .collect();
+        let mut session: Option<String> = None;
+        let mut offset = 0u64;
+        let mut recoveries = 0usize;
+        loop {
+            let step = self
+                .upload_steps(n, repo, &data, &digest, &bounds, &mut session, &mut offset)
+                .await;
+            match step {
+                Ok(()) => {
+                    self.blob_acked(repo, digest);
+                    if recoveries > 0 {
+                        self.sim.count_op(Kind::ResumeUpload, true);
+                    }
+                    return true;
+                }
+                Err(UploadStep::Refused) => {
+                    if recoveries > 0 {
+                        self.sim.count_op(Kind::ResumeUpload, false);
+                    }
+                    return false;
+                }
+                Err(UploadStep::Lost) => {}
+            }
+            recoveries += 1;
+            if recoveries > UPLOAD_RECOVERIES_MAX {
+                self.sim.count_op(Kind::ResumeUpload, false);
+                self.trace(format!("gives up the upload of {digest} via node {n}"));
+                return false;
+            }
+            // The node may be restarting.
+            let pause = rt::with_rng(|r| r.gen_range(500..2_000));
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            let Some(id) = session.clone() else {
+                continue;
+            };
+            let (r, i) = (parse_repo(repo), id.clone());
+            let status = self
+                .cluster()
+                .request(n, move |reg| async move {
+                    reg.upload_status(AccountId::DEFAULT, &r, "", &i).await
+                })
+                .await;
+            match status {
+                Ok(Ok(st)) if st.offset <= len => {
+                    self.trace(format!(
+                        "upload of {digest} via node {n} resumes at offset {} (had sent {offset})",
+                        st.offset
+                    ));
+                    offset = st.offset;
+                }
+                Ok(Ok(st)) => {
+                    self.sim.violation(format!(
+                        "node {n} reports upload {id} at offset {}, past the {len} bytes sent",
+                        st.offset
+                    ));
+                    return false;
+                }
+                Ok(Err(ApiError::BlobUploadUnknown(_))) => {
+                    self.trace(format!(
+                        "upload of {digest} via node {n}: session gone, restarts"
+                    ));
+                    session = None;
+                    offset = 0;
+                }
+                // Still down, or failing: ask again after the next pause.
+                Ok(Err(_)) | Err(_) => {}
+            }
+        }
+    }
+
+    /// The remaining requests of a chunked upload: start the session if there is none,
+    /// append each part past `offset`, finish.
+    #[allow(clippy::too_many_arguments)]
+    async fn upload_steps(
+        &self,
+        n: NodeId,
+        repo: &str,
+        data: &Bytes,
+        digest: &Digest,
+        bounds: &[u64],
+        session: &mut Option<String>,
+        offset: &mut u64,
+    ) -> Result<(), UploadStep> {
+        let acct = AccountId::DEFAULT;
+        if session.is_none() {
+            let r = parse_repo(repo);
+            let s = self
+                .cluster()
+                .request(
+                    n,
+                    move |reg| async move { reg.upload_start(acct, &r, "").await },
+                )
+                .await
+                .map_err(|e| self.lost(e))?;
+            match s {
+                Ok(s) => *session = Some(s.id),
+                Err(e) => return Err(self.refused(n, "upload start", e)),
+            }
+            *offset = 0;
+        }
+        let id = session.clone().expect("a session was started");
+        for b in bounds[..bounds.len() - 1].iter().copied() {
+            if b <= *offset {
+                continue;
+            }
+            let part = data.slice(*offset as usize..b as usize);
+            let (r, i, start) = (parse_repo(repo), id.clone(), *offset);
+            let res = self
+                .cluster()
+                .request(n, move |reg| async move {
+                    reg.upload_append(acct, &r, "", &i, Some(start), body(vec![part]))
+                        .await
+                })
+                .await
+                .map_err(|e| self.lost(e))?;
+            match res {
+                Ok(st) => *offset = st.offset,
+                Err(e) => return Err(self.refused(n, "upload append", e)),
+            }
+            let think = rt::with_rng(|r| r.gen_range(0..300));
+            tokio::time::sleep(Duration::from_millis(think)).await;
+        }
+        let rest = data.slice(*offset as usize..);
+        let (r, i, d) = (parse_repo(repo), id.clone(), digest.clone());
+        let res = self
+            .cluster()
+            .request(n, move |reg| async move {
+                reg.upload_finish(acct, &r, "", &i, &d, body(vec![rest]))
+                    .await
+            })
+            .await
+            .map_err(|e| self.lost(e))?;
+        match res {
+            Ok(()) => Ok(()),
+            Err(ApiError::DigestInvalid(why)) => {
+                self.sim.violation(format!(
+                    "node {n} holds other bytes than the client sent in upload {id} of {digest} (resumed at the offsets it reported): {why}"
+                ));
+                Err(UploadStep::Refused)
+            }
+            Err(e) => Err(self.refused(n, "upload finish", e)),
+        }
+    }
+
+    /// Traces a refusal of an upload request; an unavailable node is handled like a crash
+    /// (ask the session's status), anything else ends the upload.
+    fn refused(&self, n: NodeId, what: &str, e: ApiError) -> UploadStep {
+        self.trace(format!("{what} on node {n} failed: {e}"));
+        // A restart between two requests shows as a session unknown or rolled back to its
+        // last checkpoint: recovered from like a crash.
+        if ambiguous(&e)
+            || matches!(
+                e,
+                ApiError::BlobUploadUnknown(_) | ApiError::ChunkOutOfOrder { .. }
+            )
+        {
+            UploadStep::Lost
+        } else {
+            UploadStep::Refused
+        }
+    }
+
+    fn lost(&self, e: RequestError) -> UploadStep {
+        self.trace(format!("upload: {e}"));
+        UploadStep::Lost
     }
 
     async fn push(&self, repo: &str, tag: &str, chunked: bool) -> bool {
@@ -287,10 +491,7 @@ impl Client {
                     if let Some(at) = at {
                         m.settle(at, Some((Event::Write(Some(digest.clone())), answered)));
                     }
-                    m.manifests
-                        .entry((self.region, repo.to_string()))
-                        .or_default()
-                        .insert(digest.clone(), (manifest, needs));
+                    m.manifest_acked(self.region, repo, &digest, (manifest, needs), invoked);
                 }
                 self.trace(format!("{kind:?} {repo}:{tag} -> {digest} via node {n}"));
                 self.read_your_write(n, repo, &digest).await;
@@ -340,6 +541,14 @@ impl Client {
             Ok(Ok(_)) => self.sim.violation(format!(
                 "node {n} served manifest {digest} with bytes of another digest"
             )),
+            // A delete of it by digest may have been applied since (`manifest_acked` keeps
+            // it among the deleted then).
+            Ok(Err(ApiError::ManifestUnknown(_)))
+                if self
+                    .model()
+                    .deleted
+                    .get(&(self.region, repo.to_string()))
+                    .is_some_and(|m| m.contains_key(digest)) => {}
             Ok(Err(e)) => self.sim.violation(format!(
                 "read-your-writes: node {n} acknowledged manifest {repo}@{digest} then answered: {e}"
             )),
@@ -349,12 +558,22 @@ impl Client {
     }
 
     async fn move_tag(&self, repo: &str, tag: &str) -> bool {
-        let known: Vec<(Bytes, Vec<Digest>)> = self
-            .model()
-            .manifests
-            .get(&(self.region, repo.to_string()))
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
+        // Manifests deleted by digest too: pushing one again brings it back.
+        let known: Vec<(Bytes, Vec<Digest>)> = {
+            let m = self.model();
+            let key = (self.region, repo.to_string());
+            m.manifests
+                .get(&key)
+                .into_iter()
+                .flat_map(|m| m.values().cloned())
+                .chain(
+                    m.deleted
+                        .get(&key)
+                        .into_iter()
+                        .flat_map(|m| m.values().map(|d| d.manifest.clone())),
+                )
+                .collect()
+        };
         let Some((manifest, needs)) = rt::with_rng(|r| known.choose(r).cloned()) else {
             return self.push(repo, tag, false).await;
         };
@@ -392,6 +611,66 @@ impl Client {
         }
         self.trace(format!(
             "DeleteTag {repo}:{tag} via node {n}: {:?}",
+            res.map(|r| r.map_err(|e| e.to_string()))
+        ));
+        ok
+    }
+
+    /// Deletes an acknowledged manifest of this region's `DELETE_REPO` by digest. The tags
+    /// pointing at it go with it, so each tag of the repository gets a write of "no tag"
+    /// whose outcome stays unknown (it happened only if the tag pointed there).
+    async fn delete_manifest(&self) -> bool {
+        let repo = repo_name(self.region, DELETE_REPO);
+        let known: Vec<Digest> = self
+            .model()
+            .manifests
+            .get(&(self.region, repo.clone()))
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        let Some(digest) = rt::with_rng(|r| known.choose(r).cloned()) else {
+            return true;
+        };
+        let n = self.pick_node();
+        let invoked = self.sim.now_us();
+        let tag_writes: Vec<usize> = {
+            let mut m = self.model();
+            m.begin_manifest_delete(self.region, &repo, &digest);
+            (0..TAGS)
+                .map(|t| {
+                    let key = (self.region, repo.clone(), format!("t{t}"));
+                    m.begin_write(key, None, invoked, self.id)
+                })
+                .collect()
+        };
+        let (r, d) = (parse_repo(&repo), digest.clone());
+        let res = self
+            .cluster()
+            .request(n, move |reg| async move {
+                reg.manifest_delete(AccountId::DEFAULT, &r, &Reference::Digest(d))
+                    .await
+            })
+            .await;
+        let answered = self.sim.now_us();
+        let (known, ok) = match &res {
+            Ok(Ok(())) => (true, true),
+            // Applied, and found it gone (another client's delete came first).
+            Ok(Err(ApiError::ManifestUnknown(_))) => (true, true),
+            Ok(Err(e)) if !ambiguous(e) => (true, false),
+            Err(RequestError::Down(_)) => (true, false),
+            _ => (false, false),
+        };
+        {
+            let mut m = self.model();
+            m.settle_manifest_delete(self.region, &repo, &digest, known, answered);
+            if known && !matches!(res, Ok(Ok(()))) {
+                // Certainly deleted nothing: no tag went with it.
+                for at in tag_writes {
+                    m.settle(at, None);
+                }
+            }
+        }
+        self.trace(format!(
+            "DeleteManifest {repo}@{digest} via node {n}: {:?}",
             res.map(|r| r.map_err(|e| e.to_string()))
         ));
         ok

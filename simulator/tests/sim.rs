@@ -16,6 +16,7 @@ fn config(seed: u64, regions: usize, secs: u64) -> SimConfig {
         clients_per_region: 3,
         bug: None,
         verbose: false,
+        ..SimConfig::new(seed)
     }
 }
 
@@ -48,12 +49,28 @@ fn same_seed_same_trace() {
 fn sweep_passes_on_the_real_code() {
     let mut ops = 0;
     let mut faults = 0;
+    let mut installs = 0;
+    let mut kinds = std::collections::BTreeMap::new();
     for seed in 100..110 {
         let s = run(config(seed, 2, 60));
         assert!(s.passed(), "{}", report(&s));
         assert!(s.checks > 0, "seed {seed} checked nothing:\n{s}");
         ops += s.ops_ok;
         faults += s.faults.values().sum::<u64>();
+        installs += s.snapshots_installed;
+        for (k, (ok, failed)) in &s.ops {
+            *kinds.entry(k.clone()).or_insert(0) += ok + failed;
+        }
+    }
+    assert!(
+        installs > 0,
+        "no follower installed a snapshot in the whole sweep"
+    );
+    for kind in ["DeleteManifest", "ResumeUpload"] {
+        assert!(
+            kinds.get(kind).copied().unwrap_or(0) > 0,
+            "the sweep never did a {kind}: {kinds:?}"
+        );
     }
     assert!(
         ops > 100,
@@ -118,6 +135,16 @@ fn regression_seeds() {
             6,
             300,
             "nodes were compared while the repair worker was still committing",
+        ),
+        (
+            5,
+            60,
+            "a tag move whose manifest was deleted by digest before it shipped was skipped: the tag stayed in the other region",
+        ),
+        (
+            106,
+            60,
+            "a region leader's Raft core quit on a disk failure and its replication worker spun",
         ),
     ] {
         let s = run(config(seed, 2, secs));
@@ -256,4 +283,57 @@ fn sweep_catches_stale_leader_reads() {
         s.violations
     );
     println!("{s}");
+}
+
+/// A task that spins without awaiting freezes the paused clock; the watchdog ends the run
+/// with a violation within bounded wall time instead of hanging. A run past its wall-clock
+/// limit ends the same way.
+#[test]
+fn watchdog_ends_runs_whose_time_stops_or_that_run_too_long() {
+    let mut c = config(1, 1, 20);
+    c.bug = Some(Bug::SpinningTask);
+    c.stall_limit = Duration::from_secs(2);
+    let s = run(c);
+    assert!(
+        s.violations
+            .iter()
+            .any(|v| v.contains("simulated time stopped")),
+        "the spinning task went unnoticed:\n{s}"
+    );
+    assert!(s.wall < Duration::from_secs(30), "took {:?}:\n{s}", s.wall);
+
+    // Ten simulated minutes take seconds; the watchdog looks every 200 ms.
+    let mut c = config(1, 1, 600);
+    c.wall_limit = Duration::from_millis(50);
+    let s = run(c);
+    assert!(
+        s.violations.iter().any(|v| v.contains("wall-clock limit")),
+        "the wall-clock limit went unnoticed:\n{s}"
+    );
+    assert!(s.wall < Duration::from_secs(10), "took {:?}:\n{s}", s.wall);
+}
+
+/// A panicking task is a violation with its message and location, not an unknown outcome.
+#[test]
+fn a_panicking_task_is_a_violation() {
+    let mut c = config(2, 1, 6);
+    c.bug = Some(Bug::PanickingTask);
+    let s = run(c);
+    assert!(
+        s.violations
+            .iter()
+            .any(|v| v.contains("planted bug: a node task panics") && v.contains("cluster.rs")),
+        "the panic went unnoticed:\n{s}"
+    );
+}
+
+/// Printing the trace (`--trace`) does not change it: a replay reproduces the hash.
+#[test]
+fn a_traced_replay_has_the_same_hash() {
+    let quiet = run(config(4, 1, 4));
+    let mut c = config(4, 1, 4);
+    c.verbose = true;
+    let traced = run(c);
+    assert_eq!(quiet.trace_hash, traced.trace_hash);
+    assert_eq!(quiet.trace_lines, traced.trace_lines);
 }

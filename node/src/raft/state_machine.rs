@@ -7,6 +7,7 @@
 //! whatever a crash takes from the state machine is re-applied from the log on restart.
 
 use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use engine::keys::{self, Cf};
@@ -47,6 +48,8 @@ pub struct StateMachine<S: KvStore> {
     current: Arc<Mutex<Option<CurrentSnapshot>>>,
     /// The region this group is: it stamps the tag changes made here.
     region: String,
+    /// Counts the snapshots installed, when asked to (the simulator reports them).
+    installs: Option<Arc<AtomicU64>>,
 }
 
 impl<S: KvStore> StateMachine<S> {
@@ -55,7 +58,14 @@ impl<S: KvStore> StateMachine<S> {
             kv,
             current: Arc::new(Mutex::new(None)),
             region: region.to_string(),
+            installs: None,
         }
+    }
+
+    /// Adds one to `counter` for every snapshot this state machine installs.
+    pub fn counting_installs(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.installs = Some(counter);
+        self
     }
 
     fn applied(&self) -> Result<(Option<LogId>, StoredMembership<NodeId, NodeInfo>), StorageError> {
@@ -272,6 +282,9 @@ impl<S: KvStore> RaftStateMachine<TypeConfig> for StateMachine<S> {
             .write(batch, true)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         tracing::info!(snapshot = %meta.snapshot_id, last = ?meta.last_log_id, "installed snapshot");
+        if let Some(c) = &self.installs {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         *self.current.lock().await = Some(CurrentSnapshot {
             meta: meta.clone(),
             data,

@@ -127,6 +127,12 @@ pub enum GeoChange {
     ManifestDeleted {
         digest: Digest,
     },
+    /// A manifest delete stamped by the region that made it (tags it took lose to later
+    /// moves, last writer wins).
+    ManifestDeletedAt {
+        digest: Digest,
+        stamp: engine::origin::Stamp,
+    },
 }
 
 /// Answers to `GeoRequest`.
