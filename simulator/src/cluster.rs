@@ -59,12 +59,25 @@ impl Clock for SimClock {
     }
 }
 
-/// A snapshot every this many entries (production: 10 000): a region applies a few dozen
-/// entries a second under the workload, so one is built every few seconds.
-const SNAPSHOT_LOGS_SINCE_LAST: u64 = 100;
-/// Entries kept behind a snapshot (production: 1 000): a follower a second or two behind
-/// (a crash, a partition) is sent the snapshot rather than the log.
-const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 20;
+/// A snapshot every this many entries, in a one-minute run (production: 10 000): a region
+/// applies a few dozen entries a second under the workload, so one is built every few
+/// seconds, and followers install some within the run.
+const SNAPSHOT_LOGS_SINCE_LAST_MIN: u64 = 100;
+/// The interval grows with the run's length up to this (each snapshot copies the whole
+/// state, which grows with the run: at 100 entries, a 2-hour run spends its time building
+/// and shipping snapshots, gigabytes of them).
+const SNAPSHOT_LOGS_SINCE_LAST_MAX: u64 = 500;
+/// Entries kept behind a snapshot, as a share of the interval (production: a tenth): a
+/// follower a second or two behind (a crash, a partition) is sent the snapshot rather than
+/// the log.
+const LOGS_KEPT_PER_SNAPSHOT_INTERVAL: u64 = 5;
+
+/// The snapshot interval of a run `duration` long: `SNAPSHOT_LOGS_SINCE_LAST_MIN` per simulated
+/// minute, within bounds.
+pub fn snapshot_interval(duration: Duration) -> u64 {
+    (SNAPSHOT_LOGS_SINCE_LAST_MIN * (duration.as_secs() / 60).max(1))
+        .min(SNAPSHOT_LOGS_SINCE_LAST_MAX)
+}
 
 /// A request that got no answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -170,10 +183,9 @@ impl Cluster {
             ids.push(region);
         }
         let mut config = node::Config::default();
-        // Small snapshot intervals, so that snapshots are built, and installed on followers
-        // that fell behind (a crash, a partition), within a one-minute run under faults.
-        config.raft.snapshot_logs_since_last = SNAPSHOT_LOGS_SINCE_LAST;
-        config.raft.logs_kept_after_snapshot = LOGS_KEPT_AFTER_SNAPSHOT;
+        config.raft.snapshot_logs_since_last = SNAPSHOT_LOGS_SINCE_LAST_MIN;
+        config.raft.logs_kept_after_snapshot =
+            SNAPSHOT_LOGS_SINCE_LAST_MIN / LOGS_KEPT_PER_SNAPSHOT_INTERVAL;
         Cluster {
             net,
             nodes: Mutex::new(nodes),
@@ -183,6 +195,14 @@ impl Cluster {
             snapshot_installs: Arc::default(),
             abandoned: Arc::default(),
         }
+    }
+
+    /// Small snapshot intervals (see `snapshot_interval`), so that snapshots are built, and
+    /// installed on followers that fell behind, within a run under faults.
+    pub fn with_snapshot_interval(mut self, logs: u64) -> Cluster {
+        self.config.raft.snapshot_logs_since_last = logs;
+        self.config.raft.logs_kept_after_snapshot = logs / LOGS_KEPT_PER_SNAPSHOT_INTERVAL;
+        self
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, SimNode>> {

@@ -484,7 +484,8 @@ pub fn run(config: SimConfig) -> Summary {
 async fn run_inner(config: SimConfig, watch: Arc<watchdog::Watch>) -> Summary {
     let start = tokio::time::Instant::now();
     let net = SimNet::new(latencies(config.regions));
-    let cluster = Cluster::new(config.regions, config.nodes, net, config.bug);
+    let cluster = Cluster::new(config.regions, config.nodes, net, config.bug)
+        .with_snapshot_interval(cluster::snapshot_interval(config.duration));
     let sim = Arc::new(Sim {
         watch: watch.clone(),
         safety_end: start + config.duration,
