@@ -1599,6 +1599,33 @@ impl<P: Platform> NodeRegistry<P> {
         Ok(step)
     }
 
+    /// Finishes a membership change left half done: a committed joint configuration (old and
+    /// new voter sets both needed for a quorum) stays joint when the leader that proposed it
+    /// is replaced before it proposes the new set alone, and then losing one node of the old
+    /// set can stop the region for good. The leader proposes the new set; a change another
+    /// caller still has in flight makes this a no-op (openraft serialises them).
+    async fn finish_joint_membership(&self) {
+        let m = self.raft.metrics().borrow().clone();
+        let configs = m.membership_config.membership().get_joint_config().clone();
+        if configs.len() < 2 {
+            return;
+        }
+        let Some(new) = configs.last().cloned() else {
+            return;
+        };
+        tracing::warn!(?configs, "finishing a membership change left joint");
+        match tokio::time::timeout(
+            self.write_timeout,
+            self.raft.change_membership(new.clone(), false),
+        )
+        .await
+        {
+            Ok(Ok(_)) => tracing::info!(voters = ?new, "membership change finished"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "finishing the membership change failed"),
+            Err(_) => tracing::warn!("finishing the membership change timed out"),
+        }
+    }
+
     /// One step of the repair worker (run on the leader): examines a batch of blobs after
     /// `cursor` and brings each back to R = min(3, members) durable copies on current members
     /// — after a node was lost or removed — recording the new holders through Raft.
@@ -1611,6 +1638,9 @@ impl<P: Platform> NodeRegistry<P> {
         if !self.is_leader() {
             step.done = true;
             return Ok(step);
+        }
+        if cursor.is_none() {
+            self.finish_joint_membership().await;
         }
         let batch = self
             .state()

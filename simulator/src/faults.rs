@@ -792,15 +792,16 @@ async fn change_membership(
     r.map_err(|_| format!("node {via} crashed while changing membership"))?
 }
 
-/// The voters of the group as node `id` knows them.
+/// The voters of the group as node `id` knows them. In a joint configuration (a change half
+/// done) only the nodes of every set count: the others do not yet make the quorum whole, so
+/// the change is not over.
 fn voters(sim: &Sim, id: NodeId) -> Vec<NodeId> {
     sim.cluster.running(id).map_or_else(Vec::new, |up| {
-        up.raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
+        let m = up.raft.metrics().borrow().membership_config.clone();
+        let configs = m.membership().get_joint_config();
+        m.membership()
             .voter_ids()
+            .filter(|v| configs.iter().all(|c| c.contains(v)))
             .collect()
     })
 }
