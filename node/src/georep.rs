@@ -428,7 +428,7 @@ impl<P: Platform> Georep<P> {
         let mut failures: u32 = 0;
         loop {
             if self.registry.raft_stopped() {
-                tracing::error!(region = %dest.region, account = %dest.account, "the Raft core has stopped; replication worker stops");
+                tracing::warn!(region = %dest.region, account = %dest.account, "the Raft core has stopped; replication worker stops");
                 return;
             }
             if !self.registry.is_leader() || self.paused.load(Ordering::Relaxed) {
@@ -1783,7 +1783,18 @@ impl<P: Platform> Georep<P> {
                     break;
                 }
                 if !checked.contains_key(b) {
-                    let verdict = match self.registry.ensure_local(b).await {
+                    // This node's copy first: one that does not verify is a finding of its
+                    // own (the node then quarantines it and would fetch another).
+                    let local = self.registry.local_copy(b).await;
+                    let read = match local {
+                        Ok(crate::registry::LocalCopy::Intact(bytes)) => Ok(bytes),
+                        Ok(crate::registry::LocalCopy::Corrupt) => Ok(Bytes::new()),
+                        Ok(crate::registry::LocalCopy::Absent) => {
+                            self.registry.ensure_local(b).await
+                        }
+                        Err(err) => Err(err),
+                    };
+                    let verdict = match read {
                         Ok(bytes)
                             if bytes.len() as u64 == *size
                                 && Digest::of(b.algorithm(), &bytes) == *b =>

@@ -151,6 +151,14 @@ pub struct NodeRegistry<P: Platform = Production> {
     read_floor: ReadFloor,
 }
 
+/// What a node holds of a committed blob.
+pub enum LocalCopy {
+    Intact(Bytes),
+    Absent,
+    /// It held a copy that did not match the digest (now quarantined).
+    Corrupt,
+}
+
 /// A floor under the read index of linearizable reads, for a node that restarted holding a
 /// committed vote for itself (see `log_store::durable_leadership`): while it leads in that
 /// term, a read waits until everything in its log at start-up is applied, since its
@@ -582,12 +590,21 @@ impl<P: Platform> NodeRegistry<P> {
     /// store, logged and counted here, and reported as absent: callers fetch a good copy
     /// from another holder (`ensure_local`) or answer that they have none (a peer asking).
     pub async fn local_blob_bytes(&self, digest: &Digest) -> Result<Option<Bytes>, ApiError> {
+        Ok(match self.local_copy(digest).await? {
+            LocalCopy::Intact(bytes) => Some(bytes),
+            LocalCopy::Absent | LocalCopy::Corrupt => None,
+        })
+    }
+
+    /// This node's copy of a committed blob, verified against the digest (a copy that does
+    /// not match is quarantined, logged and counted).
+    pub async fn local_copy(&self, digest: &Digest) -> Result<LocalCopy, ApiError> {
         let store = self.blobs.clone();
         let d = digest.clone();
         let read = self.disk(move || store.read_verified(&d)).await;
         match read {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(BlobError::BlobUnknown(_)) => Ok(None),
+            Ok(bytes) => Ok(LocalCopy::Intact(bytes)),
+            Err(BlobError::BlobUnknown(_)) => Ok(LocalCopy::Absent),
             Err(BlobError::Corrupt { actual, .. }) => {
                 self.corrupt_copies
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -596,7 +613,7 @@ impl<P: Platform> NodeRegistry<P> {
                     %actual,
                     "local blob copy does not match its digest; quarantined, to be fetched again"
                 );
-                Ok(None)
+                Ok(LocalCopy::Corrupt)
             }
             Err(e) => Err(blob_err(e)),
         }

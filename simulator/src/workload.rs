@@ -25,7 +25,7 @@ const TAGS: usize = 3;
 /// by digest removes the tags pointing at the manifest, which the history can only record as
 /// writes that may happen at any time (it cannot know which tags pointed there): the other
 /// repositories keep the register check at full strength.
-const DELETE_REPO: usize = REPOS - 1;
+pub const DELETE_REPO: usize = REPOS - 1;
 /// Parts a chunked upload is sent in (each its own request, so that a crash can fall
 /// between them), and the most times it resumes or restarts after a failed request.
 const UPLOAD_PARTS: usize = 3;

@@ -1174,8 +1174,14 @@ async fn drill_verify(
     let stale_got = lines_after(&report, "stale tag: ");
     let lost_want: BTreeSet<String> = lost.iter().cloned().collect();
     let stale_want: BTreeSet<String> = stale.iter().cloned().collect();
+    // A wanted loss ending in `*` matches any line that starts with what precedes it.
+    let lost_matches = lost_got.len() == lost_want.len()
+        && lost_want.iter().all(|w| match w.strip_suffix('*') {
+            Some(prefix) => lost_got.iter().any(|g| g.starts_with(prefix)),
+            None => lost_got.contains(w),
+        });
     ensure!(
-        lost_got == lost_want && stale_got == stale_want,
+        lost_matches && stale_got == stale_want,
         "drill verify {when}: lost {lost_got:#?} and stale tags {stale_got:#?}; want lost \
          {lost_want:#?} and stale tags {stale_want:#?}:\n{report}"
     );
@@ -1234,7 +1240,8 @@ async fn drill_verify_reports_what_region_2_would_lose() -> Result<()> {
     drill_verify(&dc, None, "once both images shipped", (2, 2), &[], &[]).await?;
 
     // (b) Region-2's copy of one of b's layers rots (one byte, on every region-2 node that
-    // holds it): the bytes are hashed again, so the image counts as lost until it is repaired.
+    // holds it): the bytes are hashed again, so the image counts as lost until it is repaired
+    // (the node quarantines the rotten copy it read; the good bytes are put back after).
     let (layer, _) = &b.blobs[2];
     let rotten: Vec<(DevNode, std::path::PathBuf)> = r2
         .iter()
@@ -1245,6 +1252,10 @@ async fn drill_verify_reports_what_region_2_would_lose() -> Result<()> {
         "no region-2 node holds {layer} under <data_dir>/store/blobs/sha256 (did the store's \
          layout change?)"
     );
+    let originals: Vec<Vec<u8>> = rotten
+        .iter()
+        .map(|(_, p)| std::fs::read(p).with_context(|| format!("read {}", p.display())))
+        .collect::<Result<_>>()?;
     for (_, p) in &rotten {
         flip_byte(p, 123_456)?;
     }
@@ -1257,12 +1268,16 @@ async fn drill_verify_reports_what_region_2_would_lose() -> Result<()> {
             holder.url
         ),
         (2, 1),
-        &[format!("{}: blob {layer} does not verify", image_name(&b))],
+        // "does not verify" when the verifying node held the rotten copy; "unreadable" when
+        // it asked the holders, which refuse to send a copy that does not verify.
+        &[format!("{}: blob {layer} *", image_name(&b))],
         &[],
     )
     .await?;
-    for (_, p) in &rotten {
-        flip_byte(p, 123_456)?;
+    // The node that read it quarantined its copy (a damaged copy is never served); the
+    // good bytes put back in place count again.
+    for ((_, p), bytes) in rotten.iter().zip(&originals) {
+        std::fs::write(p, bytes).with_context(|| format!("restore {}", p.display()))?;
     }
     drill_verify(
         &dc,
