@@ -1577,18 +1577,7 @@ impl<P: Platform> NodeRegistry<P> {
             step.done = true;
             return Ok(step);
         }
-        let batch = self
-            .state()
-            .blobs_after(cursor.as_ref(), REPAIR_BATCH_BLOBS)
-            .map_err(state_err)?;
-        if batch.len() < REPAIR_BATCH_BLOBS {
-            step.done = true;
-        }
-        *cursor = if step.done {
-            None
-        } else {
-            batch.last().map(|(d, _)| d.clone())
-        };
+        let batch = self.next_repair_batch(cursor, &mut step)?;
         for (digest, rec) in batch {
             step.examined += 1;
             if !rec.holders.contains(&self.node_id)
@@ -1614,6 +1603,26 @@ impl<P: Platform> NodeRegistry<P> {
             }
         }
         Ok(step)
+    }
+
+    /// The next batch of blobs after `cursor` for a repair pass; moves the cursor, and marks
+    /// the step done (cursor back to the start) when the scan wrapped around.
+    fn next_repair_batch(
+        &self,
+        cursor: &mut Option<Digest>,
+        step: &mut RepairStep,
+    ) -> Result<Vec<(Digest, engine::keys::BlobRecord)>, ApiError> {
+        let batch = self
+            .state()
+            .blobs_after(cursor.as_ref(), REPAIR_BATCH_BLOBS)
+            .map_err(state_err)?;
+        step.done = batch.len() < REPAIR_BATCH_BLOBS;
+        *cursor = if step.done {
+            None
+        } else {
+            batch.last().map(|(d, _)| d.clone())
+        };
+        Ok(batch)
     }
 
     /// Finishes a membership change left half done: a committed joint configuration (old and
@@ -1659,18 +1668,7 @@ impl<P: Platform> NodeRegistry<P> {
         if cursor.is_none() {
             self.finish_joint_membership().await;
         }
-        let batch = self
-            .state()
-            .blobs_after(cursor.as_ref(), REPAIR_BATCH_BLOBS)
-            .map_err(state_err)?;
-        if batch.len() < REPAIR_BATCH_BLOBS {
-            step.done = true;
-        }
-        *cursor = if step.done {
-            None
-        } else {
-            batch.last().map(|(d, _)| d.clone())
-        };
+        let batch = self.next_repair_batch(cursor, &mut step)?;
         let members = self.members();
         let ids: Vec<u64> = members.iter().map(|(id, _)| *id).collect();
         let r = placement::replica_count(ids.len());
